@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmm-installed
+
+# DeepSpeed JIT-builds its CPU ops once; keep them with the venv so reruns reuse them.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export DS_ACCELERATOR := cpu
+# Ray 2.60 turns token auth on by default; a local single-user cluster does not need it.
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build here.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -U pip wheel
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(PY) -u jobs/demo.py
+
+clean:
+	rm -rf outputs/demo

@@ -1,0 +1,174 @@
+"""Typed configs for MMMModal and its presets.
+
+One dataclass per part, composed into :class:`ModelConfig`. A part either names a real
+checkpoint (``pretrained``: a hub name or a local path) or is built with random weights from
+the small sizes given here, which is what the ``tiny`` preset does so that the whole chain runs
+offline on one CPU. Every default says why it is what it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLE_RATE = 16_000
+"""Whisper's rate; every clip is resampled to it."""
+WINDOW_SECONDS = 30.0
+"""Whisper encodes fixed 30 s windows; longer audio is covered by consecutive windows."""
+MEL_FRAMES_PER_SECOND = 100
+"""Whisper's mel hop is 10 ms; the encoder's stride-2 conv halves this to 50 features/s."""
+ENCODER_FRAMES_PER_SECOND = 50
+
+
+@dataclass
+class VisionConfig:
+    """A frozen SigLIP vision tower."""
+
+    pretrained: str | None = None
+    """Hub name or local path of a SigLIP checkpoint; None builds random weights from the sizes below."""
+    image_size: int = 32
+    """Tiny images keep the tiny preset fast; real towers fix this themselves (384 for base-384)."""
+    patch_size: int = 8
+    """32 / 8 = 4 x 4 = 16 patches, so 16 tokens per image."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    select_layer: int = -2
+    """Hidden state taken as the image feature; LLaVA and the paper use the second-to-last layer."""
+
+    def __post_init__(self) -> None:
+        if self.pretrained is None and self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+
+@dataclass
+class AudioConfig:
+    """A frozen Whisper encoder over 16 kHz mono audio in 30 s windows."""
+
+    pretrained: str | None = None
+    """Hub name or local path of a Whisper checkpoint (only its encoder is used)."""
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int = 128
+    num_mel_bins: int = 80
+    init_std: float = 0.2
+    """Random tiny encoders at Whisper's 0.02 erase their input (positions dominate after the final
+    LayerNorm); at 0.2 a linear probe reads pitch and beep count. Ignored for pretrained weights."""
+    select_layer: int = -1
+    """Whisper's last layer (after its final LayerNorm), as the paper and Qwen-Audio use."""
+    max_seconds: float = 120.0
+    """Longest clip accepted; 4 windows. A limit, so one request cannot ask for unbounded compute."""
+
+
+@dataclass
+class ProjectorConfig:
+    """One projector per modality, mapping encoder features into the LM's embedding space."""
+
+    vision_hidden: int | None = None
+    """Hidden width of the 2-layer vision MLP; None uses the LM's width (LLaVA-1.5's mlp2x_gelu)."""
+    audio_stride: int = 4
+    """Audio is downsampled by a Conv1d with kernel = stride = 4 (50 -> 12.5 tokens/s), then a 2-layer
+    MLP. The paper used Conv1d kernel 40 stride 3; stride 4 with a non-overlapping kernel is an honest
+    downsampler that keeps token counts exactly proportional to duration."""
+    audio_hidden: int | None = None
+    """Hidden width of the audio projector; None uses the LM's width."""
+
+
+@dataclass
+class LLMConfig:
+    """Any Hugging Face causal LM; the tiny preset builds a small Llama."""
+
+    pretrained: str | None = None
+    """Hub name or local path (TinyLlama-1.1B, Mistral-7B, ...); None builds a random Llama."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    """The calibration here: a 4-layer LM learns more per step but loses in a fixed time budget."""
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 2048
+    max_context: int = 1024
+    """Longest rendered conversation accepted (tokens). Real presets raise it (the paper: 8192)."""
+
+
+@dataclass
+class TokenizerConfig:
+    pretrained: str | None = None
+    """None: the LM's own tokenizer for real presets, or the project's own BPE for the tiny one."""
+    vocab_size: int = 2048
+    """Size of the project's own byte-level BPE (tiny preset only); trains in a fraction of a second."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seed: int = 0
+    """Seed for random-init parts; the tiny preset is the same model on every machine."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return from_dict(cls, d)
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build a (nested) dataclass from plain data; unknown keys are an error that names them."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__} expects a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _dataclass_type(known[name].type, cls)
+        kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(annotation: Any, owner: type) -> type | None:
+    if isinstance(annotation, str):
+        import sys
+
+        annotation = vars(sys.modules[owner.__module__]).get(annotation, annotation)
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(preset="tiny")
+
+
+def _tinyllama() -> ModelConfig:
+    return ModelConfig(
+        preset="tinyllama",
+        vision=VisionConfig(pretrained="google/siglip-base-patch16-384"),
+        audio=AudioConfig(pretrained="openai/whisper-small", init_std=0.02),
+        projector=ProjectorConfig(),
+        llm=LLMConfig(pretrained="TinyLlama/TinyLlama-1.1B-Chat-v1.0", max_context=8192),
+    )
+
+
+def _mistral() -> ModelConfig:
+    cfg = _tinyllama()
+    cfg.preset = "mistral"
+    cfg.llm = LLMConfig(pretrained="mistralai/Mistral-7B-Instruct-v0.2", max_context=8192)
+    return cfg
+
+
+PRESETS = {"tiny": _tiny, "tinyllama": _tinyllama, "mistral": _mistral}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh config for a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

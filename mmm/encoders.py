@@ -1,0 +1,170 @@
+"""The frozen encoders: a SigLIP vision tower and a Whisper encoder.
+
+Both are built from a config (random weights, the tiny preset) or loaded from a named checkpoint,
+put in eval mode with gradients off, and encode batches of decoded media into per-item feature
+tensors. Features are what the projectors consume, so training can precompute them once (the
+feature store) and serving can compute them on demand: both paths meet in ``MMMModel.embed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import (
+    ENCODER_FRAMES_PER_SECOND,
+    SAMPLE_RATE,
+    WINDOW_SECONDS,
+    AudioConfig,
+    ModelConfig,
+    VisionConfig,
+)
+
+
+class CheckpointUnavailableError(RuntimeError):
+    """A named checkpoint could not be loaded (no hub access, wrong path)."""
+
+
+def load_pretrained(loader, name: str, what: str, **kwargs):
+    """Call a ``from_pretrained`` and turn any failure into one clear sentence."""
+    try:
+        return loader(name, **kwargs)
+    except Exception as exc:  # hub/network/path errors come in many types
+        raise CheckpointUnavailableError(
+            f"cannot load the {what} checkpoint {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}. "
+            "Give a local path to the checkpoint, or use the offline 'tiny' preset."
+        ) from None
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class VisionEncoder(nn.Module):
+    """SigLIP vision tower; returns the hidden state of ``select_layer`` for every patch."""
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0):
+        super().__init__()
+        from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+        self.cfg = cfg
+        if cfg.pretrained:
+            self.tower = load_pretrained(SiglipVisionModel.from_pretrained, cfg.pretrained, "vision")
+            self.processor = load_pretrained(SiglipImageProcessorPil.from_pretrained, cfg.pretrained, "image processor")
+        else:
+            torch.manual_seed(seed)
+            self.tower = SiglipVisionModel(
+                SiglipVisionConfig(
+                    hidden_size=cfg.hidden_size,
+                    intermediate_size=cfg.intermediate_size,
+                    num_hidden_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_heads,
+                    image_size=cfg.image_size,
+                    patch_size=cfg.patch_size,
+                    vision_use_head=False,  # the pooled head is unused: we keep every patch
+                )
+            )
+            size = {"height": cfg.image_size, "width": cfg.image_size}
+            self.processor = SiglipImageProcessorPil(size=size)
+        _freeze(self.tower)
+        tc = self.tower.config
+        self.hidden_size = tc.hidden_size
+        self.num_patches = (tc.image_size // tc.patch_size) ** 2
+        self.name = f"siglip:{cfg.pretrained or 'tiny-random'}:layer{cfg.select_layer}"
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images -> (B, 3, H, W) pixel values."""
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N_patches, Dv)."""
+        dtype = next(self.tower.parameters()).dtype
+        out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        return out.hidden_states[self.cfg.select_layer]
+
+    def encode(self, images) -> list[torch.Tensor]:
+        """PIL images -> one (N_patches, Dv) float32 tensor each."""
+        if not len(images):
+            return []
+        device = next(self.tower.parameters()).device
+        feats = self(self.preprocess(images).to(device)).float().cpu()
+        return list(feats.unbind(0))
+
+
+def frames_for(num_samples: int) -> int:
+    """Encoder frames that hold real audio: 50 per second, at least one."""
+    return max(1, math.ceil(num_samples * ENCODER_FRAMES_PER_SECOND / SAMPLE_RATE))
+
+
+class AudioEncoder(nn.Module):
+    """Whisper encoder over 30 s windows, keeping only the frames that cover real audio.
+
+    Whisper always sees a full 30 s window (its positions are fixed), but the frames past the
+    end of the clip hold padding: dropping them makes a 3 s clip cost a tenth of a 30 s one.
+    Audio longer than a window is covered by consecutive windows, concatenated in time.
+    """
+
+    def __init__(self, cfg: AudioConfig, seed: int = 0):
+        super().__init__()
+        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        self.cfg = cfg
+        if cfg.pretrained:
+            self.encoder = load_pretrained(WhisperEncoder.from_pretrained, cfg.pretrained, "audio")
+            self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, cfg.pretrained, "audio features")
+        else:
+            torch.manual_seed(seed + 1)
+            self.encoder = WhisperEncoder(
+                WhisperConfig(
+                    d_model=cfg.d_model,
+                    encoder_layers=cfg.num_layers,
+                    encoder_attention_heads=cfg.num_heads,
+                    encoder_ffn_dim=cfg.ffn_dim,
+                    num_mel_bins=cfg.num_mel_bins,
+                    init_std=cfg.init_std,
+                    # the decoder is never built, but the config insists its ids fit a vocab
+                    vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                )
+            )
+            self.encoder.post_init()
+            self.extractor = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
+        _freeze(self.encoder)
+        self.hidden_size = self.encoder.config.d_model
+        self.name = f"whisper:{cfg.pretrained or 'tiny-random'}:layer{cfg.select_layer}"
+
+    def windows(self, wave: np.ndarray) -> list[np.ndarray]:
+        step = int(WINDOW_SECONDS * SAMPLE_RATE)
+        return [wave[i : i + step] for i in range(0, max(len(wave), 1), step)]
+
+    @torch.no_grad()
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        """(W, n_mels, 3000) log-mels -> (W, 1500, Da) per-window features."""
+        dtype = next(self.encoder.parameters()).dtype
+        out = self.encoder(mels.to(dtype), output_hidden_states=True)
+        return out.hidden_states[self.cfg.select_layer]
+
+    def encode(self, waves) -> list[torch.Tensor]:
+        """16 kHz mono clips -> one (T_i, Da) float32 tensor each, T_i = frames of real audio."""
+        pieces = [(i, w) for i, wave in enumerate(waves) for w in self.windows(np.asarray(wave, np.float32))]
+        if not pieces:
+            return []
+        mels = self.extractor(
+            [w for _, w in pieces], sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length"
+        )["input_features"]
+        device = next(self.encoder.parameters()).device
+        feats = self(mels.to(device)).float().cpu()  # (W, 1500, Da)
+        per_item: list[list[torch.Tensor]] = [[] for _ in waves]
+        for (i, w), f in zip(pieces, feats):
+            per_item[i].append(f[: frames_for(len(w))])
+        return [torch.cat(parts, dim=0) for parts in per_item]
+
+
+def build_encoders(cfg: ModelConfig) -> tuple[VisionEncoder, AudioEncoder]:
+    return VisionEncoder(cfg.vision, cfg.seed), AudioEncoder(cfg.audio, cfg.seed)
