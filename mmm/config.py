@@ -91,6 +91,11 @@ class LLMConfig:
     max_position_embeddings: int = 2048
     max_context: int = 1024
     """Longest rendered conversation accepted (tokens). Real presets raise it (the paper: 8192)."""
+    lora_r: int = 16
+    """LoRA rank when stage 2 trains adapters instead of the full LM (peft's common default)."""
+    lora_alpha: int = 32
+    lora_targets: str = "all-linear"
+    """peft's shorthand for every linear layer but the output head (QLoRA's recommendation)."""
 
 
 @dataclass

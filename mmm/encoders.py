@@ -117,7 +117,7 @@ class AudioEncoder(nn.Module):
 
         self.cfg = cfg
         if cfg.pretrained:
-            self.encoder = load_pretrained(WhisperEncoder.from_pretrained, cfg.pretrained, "audio")
+            self.encoder = load_pretrained(_load_whisper_encoder, cfg.pretrained, "audio")
             self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, cfg.pretrained, "audio features")
         else:
             torch.manual_seed(seed + 1)
@@ -164,6 +164,16 @@ class AudioEncoder(nn.Module):
         for (i, w), f in zip(pieces, feats):
             per_item[i].append(f[: frames_for(len(w))])
         return [torch.cat(parts, dim=0) for parts in per_item]
+
+
+def _load_whisper_encoder(name: str):
+    """A saved MMM encoder loads directly; a full Whisper checkpoint gives up its encoder."""
+    from transformers import AutoConfig, WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    if "WhisperEncoder" in (AutoConfig.from_pretrained(name).architectures or []):
+        return WhisperEncoder.from_pretrained(name)
+    return WhisperModel.from_pretrained(name).get_encoder()
 
 
 def build_encoders(cfg: ModelConfig) -> tuple[VisionEncoder, AudioEncoder]:

@@ -1,0 +1,119 @@
+"""One checkpoint format for stage 1 -> stage 2 -> serve, in Hugging Face layout.
+
+    <dir>/mmm.json             {"format": 1, "phase": ..., "config": ModelConfig as dict}
+    <dir>/llm/                 the causal LM (save_pretrained; LoRA merged in on save)
+    <dir>/vision/, <dir>/audio/   the frozen encoders and their processors
+    <dir>/projectors.safetensors  both projectors, with their feature-standardisation buffers
+    <dir>/tokenizer/           the tokenizer with MMM's tokens and chat template
+
+Phases are named so a stage refuses a checkpoint of the wrong phase with a clear message
+(LLaVA's users lost projectors between stages when this was implicit).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+
+PHASES = ("init", "stage1", "stage2")
+FORMAT = 1
+META = "mmm.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or of the wrong phase."""
+
+
+def save(model, path: str, phase: str) -> None:
+    from safetensors.torch import save_file
+
+    if phase not in PHASES:
+        raise CheckpointError(f"unknown phase {phase!r}; phases are {PHASES}")
+    os.makedirs(path, exist_ok=True)
+    _merged_llm(model.llm).save_pretrained(os.path.join(path, "llm"))
+    model.vision.tower.save_pretrained(os.path.join(path, "vision"))
+    model.vision.processor.save_pretrained(os.path.join(path, "vision"))
+    model.audio.encoder.save_pretrained(os.path.join(path, "audio"))
+    model.audio.extractor.save_pretrained(os.path.join(path, "audio"))
+    model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    state = {f"vision_projector.{k}": v for k, v in model.vision_projector.state_dict().items()}
+    state |= {f"audio_projector.{k}": v for k, v in model.audio_projector.state_dict().items()}
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, "projectors.safetensors"))
+    with open(os.path.join(path, META), "w") as f:  # written last: its presence means complete
+        json.dump({"format": FORMAT, "phase": phase, "config": model.config.to_dict()}, f, indent=2)
+    model.phase = phase
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META)
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"{path} is not an MMM checkpoint (no {META}; an interrupted save leaves none)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("phase") not in PHASES:
+        raise CheckpointError(f"{meta_path}: unsupported format {meta.get('format')} / phase {meta.get('phase')}")
+    return meta
+
+
+def check_phase(path: str, phase: str, expect) -> None:
+    allowed = (expect,) if isinstance(expect, str) else tuple(expect)
+    if phase not in allowed:
+        raise CheckpointError(f"checkpoint {path} is from phase {phase!r}, but this step needs one of {allowed}")
+
+
+def load(cls, path: str, expect_phase=None):
+    """Load a checkpoint (local directory or s3:// prefix) into ``cls`` (MMMModel)."""
+    from safetensors.torch import load_file
+
+    from .config import ModelConfig
+    from .encoders import AudioEncoder, VisionEncoder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = localize(path)
+    meta = read_meta(local)
+    if expect_phase is not None:
+        check_phase(path, meta["phase"], expect_phase)
+    config = ModelConfig.from_dict(meta["config"])
+    saved = copy.deepcopy(config)
+    saved.vision.pretrained = os.path.join(local, "vision")
+    saved.audio.pretrained = os.path.join(local, "audio")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer"))
+    llm = AutoModelForCausalLM.from_pretrained(os.path.join(local, "llm"))
+    model = cls(config, tokenizer, VisionEncoder(saved.vision), AudioEncoder(saved.audio), llm, phase=meta["phase"])
+    state = load_file(os.path.join(local, "projectors.safetensors"))
+    for name in ("vision_projector", "audio_projector"):
+        prefix = name + "."
+        getattr(model, name).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return model
+
+
+def localize(path: str) -> str:
+    """s3:// (or any fsspec URL) -> a local copy; local paths pass through."""
+    if "://" not in path:
+        return path
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    target = tempfile.mkdtemp(prefix="mmm-ckpt-")
+    fs.get(root.rstrip("/") + "/", target, recursive=True)
+    return target
+
+
+def add_lora(llm, config):
+    """Wrap the LM with LoRA adapters (stage 2's parameter-efficient option)."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(llm, "peft_config"):
+        return llm
+    c = config.llm
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=0.0, target_modules=c.lora_targets, task_type="CAUSAL_LM")
+    return get_peft_model(llm, lora)
+
+
+def _merged_llm(llm):
+    """LoRA adapters are merged into a copy, so the saved LM loads with plain transformers."""
+    if hasattr(llm, "peft_config"):
+        return copy.deepcopy(llm).merge_and_unload()
+    return llm

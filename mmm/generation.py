@@ -1,0 +1,63 @@
+"""Batched, KV-cached decoding over input embeddings (the LM never sees media ids)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """(B, V) logits -> (B,) next ids; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _left_pad(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = [len(p[0]) for p in prompts]
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p_ids, *_rest) in enumerate(prompts):
+        ids[i, width - len(p_ids) :] = torch.as_tensor(p_ids, dtype=torch.long)
+        mask[i, width - len(p_ids) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed, streamer):
+    """``prompts``: list of (ids, image_features, audio_features). Returns new ids per prompt,
+    without the stop token. ``streamer(i, token_id)`` is called for each new token of prompt i."""
+    device = next(model.llm.parameters()).device
+    stops = set(stop_token_ids if stop_token_ids is not None else model.stop_ids)
+    ids, mask = _left_pad(prompts, model.tokenizer.pad_token_id, device)
+    embeds = model.embed(ids, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, L): left pads do not shift positions
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    results: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        nxt = _sample(out.logits[:, -1], temperature, top_p, gen)  # (B,)
+        for i, tok in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if tok in stops:
+                done[i] = True
+            else:
+                results[i].append(tok)
+                if streamer is not None:
+                    streamer(i, tok)
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model.llm(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+            past_key_values=out.past_key_values, use_cache=True,
+        )
+    return results

@@ -1,0 +1,167 @@
+"""MMMModal: frozen encoders -> one projector per modality -> a causal LM.
+
+Text marks each media item with ``<image>`` / ``<audio>`` + N placeholders + the closing tag;
+:meth:`MMMModel.embed` fills the placeholders with projected features via ``masked_scatter``.
+Training feeds precomputed features, serving computes them with :meth:`encode_media`; both
+go through ``embed``. Stage 1 and stage 2 differ only in :meth:`set_trainable` flags.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .chat import PlaceholderMismatchError, Rendered, render
+from .config import ModelConfig
+from .encoders import build_encoders, load_pretrained
+from .projectors import AudioProjector, VisionProjector
+from .schema import AUDIO, IMAGE
+from .tokenizer import AUDIO_PAD, IMAGE_PAD, load_tokenizer, stop_token_ids
+
+
+def build_llm(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.llm.pretrained:
+        llm = load_pretrained(AutoModelForCausalLM.from_pretrained, cfg.llm.pretrained, "language model")
+        if llm.get_input_embeddings().num_embeddings < vocab_size:
+            llm.resize_token_embeddings(vocab_size)
+        return llm
+    torch.manual_seed(cfg.seed + 2)
+    c = cfg.llm
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_heads,
+            max_position_embeddings=c.max_position_embeddings,
+            tie_word_embeddings=False,
+        )
+    )
+
+
+class MMMModel(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer, vision, audio, llm, phase: str = "init"):
+        super().__init__()
+        self.config, self.tokenizer, self.phase = config, tokenizer, phase
+        self.vision, self.audio, self.llm = vision, audio, llm
+        d = llm.get_input_embeddings().embedding_dim
+        p = config.projector
+        self.vision_projector = VisionProjector(vision.hidden_size, d, p.vision_hidden, vision.num_patches)
+        self.audio_projector = AudioProjector(audio.hidden_size, d, p.audio_hidden, p.audio_stride)
+        self.pad_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in ((IMAGE, IMAGE_PAD), (AUDIO, AUDIO_PAD))}
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.set_trainable(projectors=True, llm=False)
+
+    # ---- construction and checkpoints -------------------------------------------------
+    @classmethod
+    def build(cls, config: ModelConfig) -> "MMMModel":
+        """A fresh model: named checkpoints are loaded, the rest is random-initialised."""
+        tokenizer = load_tokenizer(config.tokenizer, config.llm.pretrained)
+        vision, audio = build_encoders(config)
+        model = cls(config, tokenizer, vision, audio, build_llm(config, len(tokenizer)))
+        torch.manual_seed(config.seed + 3)
+        model.vision_projector.apply(_reset), model.audio_projector.apply(_reset)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str, expect_phase: str | tuple[str, ...] | None = None) -> "MMMModel":
+        return checkpoint.load(cls, path, expect_phase)
+
+    def save_pretrained(self, path: str, phase: str | None = None) -> None:
+        checkpoint.save(self, path, phase or self.phase)
+
+    def set_trainable(self, projectors: bool = True, llm: bool | str = False) -> None:
+        """Freeze flags: stage 1 is (True, False); stage 2 is (True, True) or (True, "lora")."""
+        self.vision.requires_grad_(False)
+        self.audio.requires_grad_(False)
+        self.vision_projector.requires_grad_(projectors)
+        self.audio_projector.requires_grad_(projectors)
+        if llm == "lora":
+            self.llm = checkpoint.add_lora(self.llm, self.config)
+        else:
+            self.llm.requires_grad_(bool(llm))
+
+    # ---- media and text ---------------------------------------------------------------
+    def num_media_tokens(self, modality: str, num_frames: int) -> int:
+        return self._projector(modality).num_tokens(num_frames)
+
+    def encode_media(self, modality: str, items) -> list[torch.Tensor]:
+        """Decoded media (PIL images or 16 kHz waves) -> frozen encoder features, one per item."""
+        return (self.vision if modality == IMAGE else self.audio).encode(items)
+
+    def render(self, messages, features, add_generation_prompt: bool = False) -> Rendered:
+        """Render a conversation whose i-th media item has encoder features ``features[i]``."""
+        from .chat import media_modalities
+
+        modalities = media_modalities(messages)
+        if len(modalities) != len(features):
+            raise PlaceholderMismatchError(
+                f"the conversation marks {len(modalities)} media items but {len(features)} feature tensors were given"
+            )
+        counts = [self.num_media_tokens(m, f.shape[0]) for m, f in zip(modalities, features)]
+        return render(self.tokenizer, messages, counts, add_generation_prompt)
+
+    # ---- the shared forward path ------------------------------------------------------
+    def _projector(self, modality: str) -> nn.Module:
+        return self.vision_projector if modality == IMAGE else self.audio_projector
+
+    def _project(self, modality: str, feats: list[torch.Tensor], dtype, device) -> torch.Tensor:
+        """Project each item, concatenated in order: (sum of tokens, D)."""
+        proj = self._projector(modality)
+        if not feats:
+            return torch.zeros(0, self.llm.get_input_embeddings().embedding_dim, dtype=dtype, device=device)
+        w = next(proj.parameters())
+        return torch.cat([proj(f.to(device=device, dtype=w.dtype)) for f in feats]).to(dtype)
+
+    def embed(self, input_ids: torch.Tensor, image_features=(), audio_features=()) -> torch.Tensor:
+        """(B, L) ids + per-item features in order of appearance -> (B, L, D) input embeddings."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        for modality, feats in ((IMAGE, list(image_features)), (AUDIO, list(audio_features))):
+            projected = self._project(modality, feats, embeds.dtype, embeds.device)  # (N, D)
+            mask = input_ids == self.pad_ids[modality]
+            if int(mask.sum()) != projected.shape[0]:
+                raise PlaceholderMismatchError(
+                    f"{int(mask.sum())} {modality} placeholder tokens but {projected.shape[0]} projected "
+                    f"{modality} features ({len(feats)} items)"
+                )
+            if projected.shape[0] == 0:
+                embeds = embeds + 0.0 * _dummy_sum(self._projector(modality))
+                continue
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), projected)
+        return embeds
+
+    def forward(self, input_ids, image_features=(), audio_features=(), labels=None, attention_mask=None, position_ids=None):
+        embeds = self.embed(input_ids, image_features, audio_features)
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, use_cache=False
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids, image_features=(), audio_features=(), max_new_tokens: int = 32, **kw) -> list[int]:
+        """Greedy (temperature 0) or sampled continuation of one prompt; returns the new token ids."""
+        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        return self.generate_batch([(ids[0], list(image_features), list(audio_features))], max_new_tokens, **kw)[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+        stop_token_ids=None, seed: int | None = None, streamer=None,
+    ) -> list[list[int]]:
+        """Several prompts ``(ids, image_features, audio_features)`` at once, left-padded, KV-cached."""
+        from .generation import generate_batch
+
+        return generate_batch(self, prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed, streamer)
+
+
+def _dummy_sum(module: nn.Module) -> torch.Tensor:
+    return sum(p.sum() for p in module.parameters())
+
+
+def _reset(m: nn.Module) -> None:
+    if hasattr(m, "reset_parameters") and not isinstance(m, nn.LayerNorm):
+        m.reset_parameters()

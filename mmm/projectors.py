@@ -1,0 +1,83 @@
+"""Projectors: frozen-encoder features -> the LM's embedding space, one per modality."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ENCODER_FRAMES_PER_SECOND, WINDOW_SECONDS
+
+
+class FeatureNorm(nn.Module):
+    """Standardise each (position, channel) of frozen features with training-set statistics.
+
+    Random tiny encoders (and some real ones) put most of their output's scale in what every item
+    shares (positional structure); the content is a small variation on top. Standardising with
+    the training set's mean/std makes that variation visible to the projector. The statistics are
+    buffers: they travel with the checkpoint, so serving standardises exactly as training did.
+    Identity (mean 0, std 1) until :meth:`set_stats` is called.
+    """
+
+    def __init__(self, positions: int, dim: int):
+        super().__init__()
+        self.positions = positions
+        self.register_buffer("mean", torch.zeros(positions, dim))
+        self.register_buffer("std", torch.ones(positions, dim))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (T, D); position t uses the statistics of position t mod ``positions``."""
+        idx = torch.arange(x.shape[0], device=x.device) % self.positions
+        return (x - self.mean[idx]) / self.std[idx]
+
+
+class VisionProjector(nn.Module):
+    """LLaVA-1.5's mlp2x_gelu: one token per patch."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None, num_patches: int):
+        super().__init__()
+        hidden = hidden or out_dim
+        self.norm = FeatureNorm(num_patches, in_dim)
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, out_dim)
+
+    def num_tokens(self, num_frames: int) -> int:
+        return num_frames
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, Dv) -> (N, D)."""
+        return self.linear_2(self.act(self.linear_1(self.norm(feats))))
+
+
+class AudioProjector(nn.Module):
+    """Temporal downsampling by ``stride`` (Conv1d, kernel = stride), then GELU and a linear layer.
+
+    A non-overlapping kernel makes it a 2-layer MLP over stacked frames, so token count is exactly
+    ceil(frames / stride): proportional to the clip's duration.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None, stride: int):
+        super().__init__()
+        hidden = hidden or out_dim
+        self.stride = stride
+        self.norm = FeatureNorm(int(WINDOW_SECONDS * ENCODER_FRAMES_PER_SECOND), in_dim)
+        self.conv = nn.Conv1d(in_dim, hidden, kernel_size=stride, stride=stride)
+        self.act = nn.GELU()
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def num_tokens(self, num_frames: int) -> int:
+        return math.ceil(num_frames / self.stride)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(T, Da) -> (ceil(T / stride), D)."""
+        x = self.norm(feats)
+        pad = self.num_tokens(x.shape[0]) * self.stride - x.shape[0]
+        x = nn.functional.pad(x, (0, 0, 0, pad))  # (T', Da), zeros after the clip's end
+        x = self.conv(x.T.unsqueeze(0)).squeeze(0).T  # (T' / stride, H)
+        return self.linear(self.act(x))

@@ -1,0 +1,124 @@
+"""The core model: splice parity with Llava, rendering, token counts, freezing, round trips."""
+
+import pytest
+import torch
+
+from helpers import image, three_turn_conversation, tone
+from mmm.chat import IGNORE_INDEX, PlaceholderMismatchError, render
+from mmm.schema import AUDIO, IMAGE
+
+
+def test_llava_parity(tiny_model):
+    """Image-only input: our logits equal transformers' Llava built from the same weights."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    m = tiny_model
+    pad = m.pad_ids[IMAGE]
+    cfg = LlavaConfig(
+        vision_config=m.vision.tower.config, text_config=m.llm.config, image_token_index=pad,
+        vision_feature_select_strategy="full", vision_feature_layer=m.config.vision.select_layer,
+    )
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    llava.model.vision_tower.load_state_dict(m.vision.tower.state_dict())
+    llava.model.multi_modal_projector.load_state_dict(
+        {k: v for k, v in m.vision_projector.state_dict().items() if k.startswith("linear")}
+    )
+    llava.model.language_model.load_state_dict(m.llm.model.state_dict())
+    llava.lm_head.load_state_dict(m.llm.lm_head.state_dict())
+
+    images = [image((255, 0, 0)), image((0, 0, 255))]
+    feats = m.encode_media(IMAGE, images)
+    r = m.render([{"role": "user", "content": "<image></image> and <image></image>?"}], feats, add_generation_prompt=True)
+    ids = torch.tensor([r.input_ids])
+    with torch.no_grad():
+        ours = m(ids, image_features=feats).logits
+        theirs = llava(input_ids=ids, pixel_values=m.vision.preprocess(images)).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_render_counts_labels_and_mismatch(tiny_model):
+    tok = tiny_model.tokenizer
+    msgs = three_turn_conversation()
+    counts = [16, 16, 5, 7, 16]
+    r = render(tok, msgs, counts)
+    assert r.modalities == [IMAGE, IMAGE, AUDIO, AUDIO, IMAGE]
+    ids = torch.tensor(r.input_ids)
+    assert int((ids == tiny_model.pad_ids[IMAGE]).sum()) == 48
+    assert int((ids == tiny_model.pad_ids[AUDIO]).sum()) == 12
+    supervised = tok.decode([t for t in r.labels if t != IGNORE_INDEX])
+    assert supervised == "red<|im_end|>tiga<|im_end|>blue<|im_end|>"
+    # labels are exactly the assistant spans: every supervised position copies its input id
+    assert all(l in (IGNORE_INDEX, i) for i, l in zip(r.input_ids, r.labels))
+    with pytest.raises(PlaceholderMismatchError, match="marks 5 media items.*but 4 were given"):
+        render(tok, msgs, counts[:4])
+
+
+def test_embed_raises_on_feature_count_mismatch(tiny_model):
+    feats = tiny_model.encode_media(IMAGE, [image()])
+    r = tiny_model.render([{"role": "user", "content": "<image></image>"}], feats)
+    with pytest.raises(PlaceholderMismatchError, match="16 image placeholder tokens but 32"):
+        tiny_model(torch.tensor([r.input_ids]), image_features=feats * 2)
+
+
+def test_audio_tokens_proportional_to_duration(tiny_model):
+    feats = tiny_model.encode_media(AUDIO, [tone(3), tone(30), tone(75)])
+    frames = [f.shape[0] for f in feats]
+    assert frames == [150, 1500, 3750]  # 50 frames/s; 75 s = 3 windows (30 + 30 + 15 s)
+    tokens = [tiny_model.num_media_tokens(AUDIO, n) for n in frames]
+    assert tokens == [38, 375, 938]  # ceil(frames / stride 4): proportional up to one token
+    assert abs(tokens[1] / tokens[0] - 10) < 0.2 and abs(tokens[2] / tokens[1] - 2.5) < 0.01
+    assert len(tiny_model.audio.windows(tone(75))) == 3
+
+
+def test_stage1_freezing_and_dummy_gradients(tiny_model):
+    from mmm.config import preset
+    from mmm.model import MMMModel
+
+    m = MMMModel.build(preset("tiny"))
+    m.set_trainable(projectors=True, llm=False)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("vision_projector.", "audio_projector.")) for n in trainable)
+    r = m.render([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}], [])
+    m(torch.tensor([r.input_ids]), labels=torch.tensor([r.labels])).loss.backward()
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient from a text-only batch"
+
+
+def test_save_load_round_trip(tiny_model, tmp_path):
+    from mmm.checkpoint import CheckpointError
+    from mmm.model import MMMModel
+
+    m = tiny_model
+    imgs = m.encode_media(IMAGE, [image()])
+    auds = m.encode_media(AUDIO, [tone(2)])
+    r = m.render([{"role": "user", "content": "<image></image><audio></audio> ?"}], imgs + auds, True)
+    m.save_pretrained(str(tmp_path), phase="stage1")
+    loaded = MMMModel.from_pretrained(str(tmp_path), expect_phase="stage1").eval()
+    ids = torch.tensor([r.input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, imgs, auds).logits, m(ids, imgs, auds).logits, atol=0, rtol=0)
+    assert loaded.generate(r.input_ids, imgs, auds, 8) == m.generate(r.input_ids, imgs, auds, 8)
+    assert loaded.encode_media(IMAGE, [image()])[0].equal(imgs[0])
+    with pytest.raises(CheckpointError, match="phase 'stage1'.*needs one of \\('stage2',\\)"):
+        MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2")
+
+
+def test_batched_generation_matches_single(tiny_model):
+    m = tiny_model
+    prompts = []
+    for colour, secs in (((255, 0, 0), 1.0), ((0, 255, 0), 3.0)):
+        imgs, auds = m.encode_media(IMAGE, [image(colour)]), m.encode_media(AUDIO, [tone(secs)])
+        r = m.render([{"role": "user", "content": "<audio></audio> x <image></image>"}], auds + imgs, True)
+        prompts.append((r.input_ids, imgs, auds))
+    batched = m.generate_batch(prompts, max_new_tokens=6, stop_token_ids=[])
+    assert batched == [m.generate(*p, max_new_tokens=6, stop_token_ids=[]) for p in prompts]
+
+
+def test_real_preset_without_hub_fails_clearly():
+    from mmm.config import preset
+    from mmm.encoders import CheckpointUnavailableError
+    from mmm.model import MMMModel
+
+    with pytest.raises(CheckpointUnavailableError, match="cannot load the tokenizer checkpoint .TinyLlama/TinyLlama-1.1B-Chat-v1.0."):
+        MMMModel.build(preset("tinyllama"))
