@@ -1,0 +1,198 @@
+"""OpenAI-compatible multimodal chat server on Ray Serve.
+
+    serve run serve.app:mmm                        # newest checkpoint under outputs/demo, else tiny untrained
+    serve run serve.app:build checkpoint=outputs/demo/stage2/final api_key=KEY port=8000
+    serve deploy serve/deploy.yaml                 # the same app with autoscaling + GPU options
+
+Two deployments composed with ``.bind()``: ``ChatIngress`` (FastAPI: auth, body limits, request
+parsing, remote-image fetches, OpenAI responses and SSE) and ``ChatModel`` (encoders + LM; groups
+concurrent requests with ``@serve.batch`` and caches encoder features). Routes:
+``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/stats`` (cache hit/miss/evictions),
+``GET /health``.
+"""
+
+import asyncio
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import RequestLimits, ServeArgs
+from .engine import resolve_checkpoint
+from .errors import APIError
+from .openai_schema import ChatRequest, parse_request
+from .responses import completion, sse
+
+api = FastAPI(title="MMM", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes and wrong methods answer in the same OpenAI error shape as everything else.
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), None, "not_found").body(), exc.status_code)
+
+
+@serve.deployment(max_ongoing_requests=32)
+class ChatModel:
+    """Encoders + LM of one replica. ``@serve.batch`` hands concurrent requests over as one list."""
+
+    def __init__(self, args: dict, checkpoint: str | None, device: str) -> None:
+        from .cache import FeatureCache
+        from .engine import load_engine
+        from .service import ChatService
+
+        cfg = ServeArgs.model_validate(args)
+        engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device)
+        self.service = ChatService(engine, FeatureCache(cfg.cache_bytes), cfg.limits())
+        self.chat_batch.set_max_batch_size(cfg.max_batch_size)
+        self.chat_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def chat_batch(self, requests: list[ChatRequest]):
+        async for events in self.service.run_batch(requests):
+            yield events
+
+    async def chat(self, request: ChatRequest):
+        """One request's events (see ``serve.service``); ``None`` steps are not sent."""
+        async for event in self.chat_batch(request):
+            if event is not None:
+                yield event
+
+    def info(self) -> dict:
+        return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}
+
+    def stats(self) -> dict:
+        return self.service.stats()
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class ChatIngress:
+    def __init__(self, model: DeploymentHandle, api_key: str | None, limits: RequestLimits) -> None:
+        self.model, self.api_key, self.limits = model, api_key, limits
+        self._info: dict | None = None
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.model.info.remote()
+        return self._info
+
+    def _auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')", None,
+                           "invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refusing early on Content-Length and while reading (a missing or lying header)."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit", None,
+                           "payload_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the {limit}-byte limit", None, "payload_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._auth(request)
+        body = await self._body(request)
+        model_id = (await self._model_info())["id"]
+        req = await asyncio.to_thread(parse_request, body, self.limits, model_id)  # base64 of MBs: off the loop
+        await self._fetch_remote(req)
+        events = self.model.options(stream=True).chat.remote(req)
+        first = await events.__anext__()
+        if "error" in first:
+            raise first["error"]
+        if not req.stream:
+            return JSONResponse(completion(first, model_id))
+        return StreamingResponse(sse(events, model_id, req.include_usage), media_type="text/event-stream")
+
+    async def _fetch_remote(self, req: ChatRequest) -> None:
+        from mmm.media import sniff_modality
+
+        from .errors import bad_request
+        from .urls import fetch_image
+
+        for item in req.media:
+            if item.url is None:
+                continue
+            item.data = await asyncio.to_thread(fetch_image, item.url, self.limits, item.param)
+            if sniff_modality(item.data) != "image":
+                raise bad_request(f"{item.param} did not return an image", item.param, "invalid_image")
+            item.url = None
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        info = await self._model_info()
+        return {"object": "list", "data": [{"id": info["id"], "object": "model", "created": 0, "owned_by": "mmm",
+                                            "max_context": info["max_context"]}]}
+
+    @api.get("/v1/stats")
+    async def stats(self, request: Request):
+        """Counters of one model replica (the one this call reaches): cache hits/misses/evictions, batches."""
+        self._auth(request)
+        return await self.model.stats.remote()
+
+    @api.get("/health")
+    async def health(self):
+        info = await self._model_info()
+        return {"status": "ok", "model": info["id"]}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _start_http(host: str, port: int) -> None:
+    """Start Serve's proxy on host:port, unless Serve is already running (then its port stays)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(namespace="serve")
+    serve.start(http_options={"host": host, "port": port})
+
+
+def build(args: ServeArgs) -> Application:
+    """The typed app builder: ``serve run serve.app:build key=value ...`` (see ``ServeArgs``)."""
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    if args.port is not None:
+        _start_http(args.host, args.port)
+    use_gpu = args.use_gpu if args.use_gpu is not None else _cuda_available()
+    autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                   "target_ongoing_requests": args.target_ongoing_requests}
+    model = ChatModel.options(
+        autoscaling_config=autoscaling,
+        # @serve.batch only ever sees the requests a replica holds: allow two full batches.
+        max_ongoing_requests=2 * args.max_batch_size,
+        ray_actor_options={"num_cpus": args.model_num_cpus, "num_gpus": 1 if use_gpu else 0},
+    ).bind(args.model_dump(), resolve_checkpoint(args.checkpoint, args.search_dir), "cuda" if use_gpu else "cpu")
+    ingress = ChatIngress.options(
+        autoscaling_config={"min_replicas": 1, "max_replicas": max(1, args.max_replicas),
+                            "target_ongoing_requests": 4 * args.target_ongoing_requests},
+        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+    )
+    return ingress.bind(model, args.api_key, args.limits())
+
+
+mmm = build(ServeArgs())
