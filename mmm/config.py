@@ -61,6 +61,15 @@ class AudioConfig:
     """Whisper's last layer (after its final LayerNorm), as the paper and Qwen-Audio use."""
     max_seconds: float = 120.0
     """Longest clip accepted; 4 windows. A limit, so one request cannot ask for unbounded compute."""
+    window_seconds: float = WINDOW_SECONDS
+    """Length of one encoder window. Pretrained Whisper is fixed at 30 s (every window is padded to
+    it). The tiny preset's random encoder has no such constraint and its clips are 1-3 s long, so
+    it uses 5 s windows: 6x less encoder work per clip, the same code path."""
+
+    @property
+    def positions(self) -> int:
+        """Encoder frames per window (Whisper's max_source_positions; 1500 for 30 s)."""
+        return int(self.window_seconds * ENCODER_FRAMES_PER_SECOND)
 
 
 @dataclass
@@ -149,7 +158,7 @@ def _dataclass_type(annotation: Any, owner: type) -> type | None:
 
 
 def _tiny() -> ModelConfig:
-    return ModelConfig(preset="tiny")
+    return ModelConfig(preset="tiny", audio=AudioConfig(window_seconds=5.0))
 
 
 def _tinyllama() -> ModelConfig:

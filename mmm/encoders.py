@@ -17,7 +17,6 @@ from torch import nn
 from .config import (
     ENCODER_FRAMES_PER_SECOND,
     SAMPLE_RATE,
-    WINDOW_SECONDS,
     AudioConfig,
     ModelConfig,
     VisionConfig,
@@ -103,7 +102,7 @@ def frames_for(num_samples: int) -> int:
 
 
 class AudioEncoder(nn.Module):
-    """Whisper encoder over 30 s windows, keeping only the frames that cover real audio.
+    """Whisper encoder over fixed windows (30 s), keeping only the frames that cover real audio.
 
     Whisper always sees a full 30 s window (its positions are fixed), but the frames past the
     end of the clip hold padding: dropping them makes a 3 s clip cost a tenth of a 30 s one.
@@ -129,23 +128,28 @@ class AudioEncoder(nn.Module):
                     encoder_ffn_dim=cfg.ffn_dim,
                     num_mel_bins=cfg.num_mel_bins,
                     init_std=cfg.init_std,
+                    max_source_positions=cfg.positions,
                     # the decoder is never built, but the config insists its ids fit a vocab
                     vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
                 )
             )
             self.encoder.post_init()
-            self.extractor = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
+            self.extractor = WhisperFeatureExtractor(
+                feature_size=cfg.num_mel_bins, chunk_length=int(cfg.window_seconds)
+            )
         _freeze(self.encoder)
         self.hidden_size = self.encoder.config.d_model
-        self.name = f"whisper:{cfg.pretrained or 'tiny-random'}:layer{cfg.select_layer}"
+        self.positions = self.encoder.config.max_source_positions
+        self.window_samples = int(self.extractor.chunk_length * SAMPLE_RATE)
+        self.name = f"whisper:{cfg.pretrained or 'tiny-random'}:layer{cfg.select_layer}:{self.extractor.chunk_length}s"
 
     def windows(self, wave: np.ndarray) -> list[np.ndarray]:
-        step = int(WINDOW_SECONDS * SAMPLE_RATE)
+        step = self.window_samples
         return [wave[i : i + step] for i in range(0, max(len(wave), 1), step)]
 
     @torch.no_grad()
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
-        """(W, n_mels, 3000) log-mels -> (W, 1500, Da) per-window features."""
+        """(W, n_mels, 2 * positions) log-mels -> (W, positions, Da) per-window features."""
         dtype = next(self.encoder.parameters()).dtype
         out = self.encoder(mels.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.cfg.select_layer]

@@ -52,7 +52,7 @@ class MMMModel(nn.Module):
         d = llm.get_input_embeddings().embedding_dim
         p = config.projector
         self.vision_projector = VisionProjector(vision.hidden_size, d, p.vision_hidden, vision.num_patches)
-        self.audio_projector = AudioProjector(audio.hidden_size, d, p.audio_hidden, p.audio_stride)
+        self.audio_projector = AudioProjector(audio.hidden_size, d, p.audio_hidden, p.audio_stride, audio.positions)
         self.pad_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in ((IMAGE, IMAGE_PAD), (AUDIO, AUDIO_PAD))}
         self.stop_ids = stop_token_ids(tokenizer)
         self.set_trainable(projectors=True, llm=False)

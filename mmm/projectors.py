@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from .config import ENCODER_FRAMES_PER_SECOND, WINDOW_SECONDS
-
 
 class FeatureNorm(nn.Module):
     """Standardise each (position, channel) of frozen features with training-set statistics.
@@ -62,11 +60,11 @@ class AudioProjector(nn.Module):
     ceil(frames / stride): proportional to the clip's duration.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None, stride: int):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None, stride: int, positions: int):
         super().__init__()
         hidden = hidden or out_dim
         self.stride = stride
-        self.norm = FeatureNorm(int(WINDOW_SECONDS * ENCODER_FRAMES_PER_SECOND), in_dim)
+        self.norm = FeatureNorm(positions, in_dim)  # statistics per frame of a window
         self.conv = nn.Conv1d(in_dim, hidden, kernel_size=stride, stride=stride)
         self.act = nn.GELU()
         self.linear = nn.Linear(hidden, out_dim)
