@@ -50,15 +50,20 @@ class ChatModel:
         from .engine import load_engine
         from .service import ChatService
 
+        from .scheduler import Scheduler
+
         cfg = ServeArgs.model_validate(args)
         engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device)
         self.service = ChatService(engine, FeatureCache(cfg.cache_bytes), cfg.limits())
+        self.scheduler = Scheduler(self.service, cfg.max_batch_size)
         self.chat_batch.set_max_batch_size(cfg.max_batch_size)
         self.chat_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    # Many groups may be in flight: the Scheduler joins them into the running batch between decode
+    # steps (with one at a time, @serve.batch queues small groups behind the running one).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
     async def chat_batch(self, requests: list[ChatRequest]):
-        async for events in self.service.run_batch(requests):
+        async for events in self.scheduler.submit(requests):
             yield events
 
     async def chat(self, request: ChatRequest):

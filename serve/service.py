@@ -1,11 +1,10 @@
-"""The model side of the server, without Ray: one batch of parsed requests in, a stream of
-per-request events out. The Serve deployment wraps :meth:`ChatService.run_batch` in
-``@serve.batch``; tests drive it directly with a fake engine.
+"""The model side of the server, without Ray: what happens to a request between parsing and
+decoding, and the events it produces. ``serve.scheduler`` drives it; tests use a fake engine.
 
-Per batch: look every media item up in the feature cache; decode and encode the misses (deduped
-across the batch, one encoder call per modality); render the prompts; check them against the
-context; then decode all rows in lockstep. Each ``yield`` is a list with one entry per request:
-``None`` (nothing new), an event dict, or ``StopIteration`` once that request is over.
+:meth:`ChatService.prepare` takes a group of requests: looks every media item up in the feature
+cache, decodes and encodes the misses (deduped across the group, one encoder call per modality),
+renders the prompts and checks them against the context. :meth:`ChatService.advance` turns each
+decoded token into the request's next event.
 
 Events: ``{"error": APIError}``; ``{"start": True, "prompt_tokens": n}`` (streaming only);
 ``{"delta": text}`` (streaming only); ``{"done": True, "text", "finish_reason", "prompt_tokens",
@@ -14,10 +13,9 @@ Events: ``{"error": APIError}``; ``{"start": True, "prompt_tokens": n}`` (stream
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from mmm.media import media_id
 
@@ -43,13 +41,19 @@ class _Job:
 @dataclass
 class _Stats:
     requests: int = 0
-    batches: int = 0
+    steps: int = 0
+    row_steps: int = 0
+    """Sum over decode steps of the rows decoded together: row_steps / steps is the mean batch."""
     max_batch: int = 0
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     encoded: dict = field(default_factory=lambda: {"image": 0, "audio": 0})
     encode_s: float = 0.0
+    prepare_s: float = 0.0
+    """Cache lookups + media decode + encode + render, summed over batches."""
+    generate_s: float = 0.0
+    """Prefill + decode steps, summed over batches."""
 
 
 class ChatService:
@@ -60,55 +64,36 @@ class ChatService:
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {"model": self.engine.model_id, "cache": self.cache.stats(), "requests": s.requests,
-                "batches": s.batches, "max_batch": s.max_batch, "rejected": s.rejected,
+                "steps": s.steps, "mean_batch": round(s.row_steps / s.steps, 2) if s.steps else 0.0,
+                "max_batch": s.max_batch, "rejected": s.rejected,
                 "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                "encoded": dict(s.encoded), "encode_seconds": round(s.encode_s, 3)}
+                "encoded": dict(s.encoded), "encode_seconds": round(s.encode_s, 3),
+                "prepare_seconds": round(s.prepare_s, 3), "generate_seconds": round(s.generate_s, 3)}
 
-    async def run_batch(self, requests: list[ChatRequest]) -> AsyncIterator[list]:
-        self._stats.requests += len(requests)
-        self._stats.batches += 1
-        self._stats.max_batch = max(self._stats.max_batch, len(requests))
-        prepared = await asyncio.to_thread(self._prepare, requests)
-        jobs: dict[int, _Job] = {}
-        first: list = []
-        for i, p in enumerate(prepared):
-            if isinstance(p, APIError):
-                self._stats.rejected += 1
-                first.append({"error": p})
-            else:
-                jobs[i] = p
-                first.append({"start": True, "prompt_tokens": len(p.prompt)} if p.req.stream else None)
-        yield first
-        over = {i for i, p in enumerate(prepared) if isinstance(p, APIError)}
-        if jobs:
-            async for events in self._decode(jobs, len(requests), over):
-                yield events
+    def first_event(self, prepared: "_Job | APIError") -> dict | None:
+        """What a request hears once prepared: its error, or (streaming) its prompt size."""
+        if isinstance(prepared, APIError):
+            self._stats.rejected += 1
+            return {"error": prepared}
+        return {"start": True, "prompt_tokens": len(prepared.prompt)} if prepared.req.stream else None
 
-    async def _decode(self, jobs: dict[int, _Job], n: int, over: set[int]) -> AsyncIterator[list]:
-        order = list(jobs)
-        decoder = await asyncio.to_thread(
-            self.engine.start, [(jobs[i].prompt, *self._split(jobs[i])) for i in order],
-            [jobs[i].req.params for i in order])
-        while len(over) < n:
-            tokens = await asyncio.to_thread(decoder.step)
-            events: list = [StopIteration if i in over else None for i in range(n)]
-            for row, i in enumerate(order):
-                job = jobs[i]
-                if i in over:
-                    continue
-                delta = self._advance(job, tokens[row])
-                if job.finish_reason is not None:
-                    decoder.finish(row)
-                    over.add(i)
-                    events[i] = self._done(job, delta + job.text.flush())
-                elif delta and job.req.stream:
-                    events[i] = {"delta": delta}
-            yield events
-        yield [StopIteration] * n
+    def advance(self, job: _Job, token: int | None) -> dict | None:
+        """Take one decoded token (None: a stop token); returns the event to send, if any.
+        ``job.finish_reason`` is set once the request is over."""
+        delta = self._advance(job, token)
+        if job.finish_reason is not None:
+            return self._done(job, delta + job.text.flush())
+        return {"delta": delta} if delta and job.req.stream else None
+
+    def record_step(self, rows: int, seconds: float) -> None:
+        self._stats.steps += 1
+        self._stats.row_steps += rows
+        self._stats.max_batch = max(self._stats.max_batch, rows)
+        self._stats.generate_s += seconds
 
     @staticmethod
     def _advance(job: _Job, token: int | None) -> str:
-        if token is None:  # a stop token (or the decoder ended the row)
+        if token is None:  # a stop token
             job.finish_reason = "stop"
             return ""
         job.tokens += 1
@@ -126,12 +111,22 @@ class ChatService:
                 "finish_reason": job.finish_reason, "prompt_tokens": len(job.prompt), "completion_tokens": job.tokens}
 
     @staticmethod
-    def _split(job: _Job) -> tuple[list, list]:
+    def decoder_input(job: _Job) -> tuple[list[int], list, list]:
+        """(prompt ids, image features, audio features) of one request."""
         image = [f for item, f in zip(job.req.media, job.features) if item.modality == "image"]
         audio = [f for item, f in zip(job.req.media, job.features) if item.modality == "audio"]
-        return image, audio
+        return job.prompt, image, audio
 
     # ---- preparation (in a worker thread) ------------------------------------------------
+    def prepare(self, requests: list[ChatRequest]) -> list[_Job | APIError]:
+        """Features (cache, then one encode per modality), prompt and budget of each request, or
+        the 4xx that refuses it. Blocking: call it in a worker thread."""
+        t0 = time.perf_counter()
+        self._stats.requests += len(requests)
+        out = self._prepare(requests)
+        self._stats.prepare_s += time.perf_counter() - t0
+        return out
+
     def _prepare(self, requests: list[ChatRequest]) -> list[_Job | APIError]:
         keys = [[(media_id(m.data), self.engine.encoder_name(m.modality)) for m in r.media] for r in requests]
         found, failed = self._features(requests, keys)

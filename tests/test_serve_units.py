@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -189,6 +190,31 @@ def test_step_decoder_matches_generate_batch(tiny_model):
     assert [alone.step()[0] for _ in range(5)] == [mixed.step()[0] for _ in range(5)]
 
 
+def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model):
+    """Continuous batching: a row merged into a running batch (different prompt length), and
+    kept after its batch-mate leaves, yields exactly the tokens it yields alone."""
+    from serve.decoding import StepDecoder
+
+    greedy = SamplingParams(temperature=0)
+    texts = ["what colour is the square?", "berapa bip yang anda dengar dalam klip kedua itu?", "hi"]
+    prompts = [(tiny_model.render([{"role": "user", "content": t}], [], True).input_ids, [], []) for t in texts]
+    alone = []
+    for p in prompts:
+        d = StepDecoder(tiny_model, [p], [greedy])
+        alone.append([d.step()[0] for _ in range(8)])
+    d = StepDecoder(tiny_model, [prompts[0]], [greedy])
+    got = [[d.step()[0] for _ in range(3)], [], []]
+    d.merge(StepDecoder(tiny_model, prompts[1:], [greedy, greedy]))  # two rows join after 3 steps
+    for _ in range(5):
+        for row, tok in zip((0, 1, 2), d.step()):
+            got[row].append(tok)
+    d.keep([1, 2])  # row 0 is done (8 tokens); the others go on
+    for _ in range(3):
+        for row, tok in zip((1, 2), d.step()):
+            got[row].append(tok)
+    assert got == alone
+
+
 class FakeEngine:
     """Characters are tokens; an item's features have one row per 10 bytes; counts encoder calls."""
 
@@ -214,31 +240,53 @@ class FakeEngine:
         return [ord(c) % 100 for c in text][:150] + [0] * sum(f.shape[0] for f in features)
 
     def start(self, prompts, params):
-        engine = self
-
-        class Decoder:
-            finished = False
-
-            def step(self):
-                return [ord("a") + (len(p[0]) % 3) for p in prompts]
-
-            def finish(self, row):
-                pass
-
-        return Decoder()
+        return FakeDecoder([ord("a") + len(p[0]) % 3 for p in prompts])
 
     def detokenize(self, ids):
         return "".join(chr(i) for i in ids)
 
 
-def run(service, requests):
-    async def go():
-        out = [[] for _ in requests]
-        async for events in service.run_batch(requests):
+class FakeDecoder:
+    can_merge = True
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.sizes = []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def step(self):
+        time.sleep(0.005)  # a step takes time, so that later groups arrive while rows are running
+        self.sizes.append(len(self.rows))
+        return list(self.rows)
+
+    def keep(self, rows):
+        self.rows = [self.rows[i] for i in rows]
+
+    def merge(self, other):
+        self.rows += other.rows
+
+
+def run(service, groups, max_rows=16, delay_s=0.0):
+    """Submit groups of requests to a Scheduler (the later ones ``delay_s`` apart); events per request."""
+    from serve.scheduler import Scheduler
+
+    scheduler = Scheduler(service, max_rows)
+
+    async def one(group, delay):
+        await asyncio.sleep(delay)
+        out = [[] for _ in group]
+        async for events in scheduler.submit(group):
+            assert len(events) == len(group)
             for i, e in enumerate(events):
                 if e is not None and e is not StopIteration:
                     out[i].append(e)
         return out
+
+    async def go():
+        results = await asyncio.gather(*(one(g, k * delay_s) for k, g in enumerate(groups)))
+        return [r for group in results for r in group]
 
     return asyncio.run(go())
 
@@ -254,12 +302,26 @@ def test_service_batches_dedupes_caches_and_isolates_errors():
     service = ChatService(engine, FeatureCache(1 << 20))
     img, clip = MediaItem("image", "p0", b"I" * 50), MediaItem("audio", "p1", b"A" * 300)
     bad = MediaItem("image", "p2", b"BAD image")
-    out = run(service, [req([img, clip]), req([img, bad]), req([clip], stream=True, stop=("zz",)),
-                        req([img], max_tokens=500)])
+    out = run(service, [[req([img, clip]), req([img, bad]), req([clip], stream=True, stop=("zz",)),
+                         req([img], max_tokens=500)]])
     assert sorted(engine.encode_calls) == [("audio", 1), ("image", 1)]  # one call per modality, deduped
     assert out[0][-1]["done"] and out[0][-1]["completion_tokens"] == 5 and out[0][-1]["finish_reason"] == "length"
     assert out[1] == [{"error": out[1][0]["error"]}] and out[1][0]["error"].param == "p2"
     assert out[2][0]["start"] and "".join(e.get("delta", "") for e in out[2]) == out[2][-1]["text"]
     assert out[3][0]["error"].code == "context_length_exceeded"
-    run(service, [req([img, clip])])  # the next turn re-sends both: no encoder call
+    run(service, [[req([img, clip])]])  # the next turn re-sends both: no encoder call
     assert len(engine.encode_calls) == 2 and service.stats()["cache"]["hits"] == 2
+
+
+def test_scheduler_joins_running_batch_and_drops_finished_rows():
+    engine = FakeEngine()
+    decoders = []
+    start = engine.start
+    engine.start = lambda p, q: decoders.append(start(p, q)) or decoders[-1]
+    service = ChatService(engine, FeatureCache(0))
+    groups = [[req([], max_tokens=40)], [req([], max_tokens=3), req([], max_tokens=3)], [req([], max_tokens=5)]]
+    out = run(service, groups, max_rows=3, delay_s=0.02)
+    assert [o[-1]["completion_tokens"] for o in out] == [40, 3, 3, 5]
+    sizes = decoders[0].sizes
+    assert max(sizes) == 3 and sizes[-1] == 1  # later groups joined the first row, then left it
+    assert service.stats()["max_batch"] == 3

@@ -1,0 +1,196 @@
+"""Serving benchmark: the feature cache and request batching, measured through the real app.
+
+    .venv/bin/python bench/serve.py [--images 6] [--clips 6] [--clip-seconds 10] [--clients 16] [--rounds 2]
+
+Starts a private Ray cluster and Serve on 127.0.0.1 with two copies of the app (tiny preset):
+``/on`` with the encoder-feature cache, ``/off`` without. Then prints, side by side:
+
+1. latency of a follow-up turn that re-sends K media (real photos, 10 s voice-note-like MP3 clips;
+   each clip is still one full 30 s Whisper window to encode) with the cache on
+   vs off (the first turn primes the cache; each follow-up asks a new question);
+2. throughput of N clients sending at once vs the same requests one at a time (``/on``).
+
+The last line is a JSON object with ``cache_speedup`` and ``concurrency_speedup``.
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=6, help="photos re-sent in the follow-up turn")
+    p.add_argument("--clips", type=int, default=6, help="voice clips re-sent in the follow-up turn")
+    p.add_argument("--clip-seconds", type=float, default=10.0,
+                   help="length of each clip: 125 tokens per 10 s, and the tiny context is 1024 tokens")
+    p.add_argument("--followups", type=int, default=5, help="follow-up turns timed per setting (median)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    p.add_argument("--rounds", type=int, default=3, help="requests per client in the concurrency test")
+    p.add_argument("--trials", type=int, default=2, help="sequential/concurrent pairs, alternated (median)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    return p.parse_args()
+
+
+# ---- media ------------------------------------------------------------------------------
+def photo_parts(n: int) -> list[dict]:
+    from PIL import Image
+    from skimage import data
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry"]
+    parts = []
+    for i in range(n):
+        img = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90 - i)  # distinct bytes even when a photo repeats
+        parts.append({"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
+                                                         + base64.b64encode(buf.getvalue()).decode()}})
+    return parts
+
+
+def clip_parts(n: int, seconds: float = 30.0) -> list[dict]:
+    """Speech-like clips as clients send them: 44.1 kHz stereo MP3 (decoded and resampled by the server)."""
+    import soundfile as sf
+
+    rate, parts = 44100, []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        t = np.arange(int(seconds * rate)) / rate
+        wave = 0.2 * np.sin(2 * np.pi * (200 + 50 * i) * t * (1 + 0.3 * np.sin(t))) + 0.05 * rng.standard_normal(len(t))
+        buf = io.BytesIO()
+        sf.write(buf, np.stack([wave, wave], 1).astype(np.float32), rate, format="MP3")
+        parts.append({"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(),
+                                                             "format": "mp3"}})
+    return parts
+
+
+# ---- cluster ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(port: int, clients: int) -> None:
+    import ray
+    from ray import serve
+
+    from serve.app import build
+    from serve.config import ServeArgs
+
+    tmp = tempfile.mkdtemp(prefix="mmm-bench-", dir="/tmp")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(search_dir=os.path.join(tmp, "none"), max_replicas=1, max_batch_size=clients, model_num_cpus=1,
+                  max_body_bytes=256 << 20, max_media=64)
+    serve.run(build(ServeArgs(**common)), name="on", route_prefix="/on", blocking=False)
+    serve.run(build(ServeArgs(cache_bytes=0, **common)), name="off", route_prefix="/off")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+# ---- measurements -----------------------------------------------------------------------
+def chat(client, messages, max_tokens):
+    return client.chat.completions.create(model="mmm", messages=messages, max_tokens=max_tokens, temperature=0)
+
+
+def followup_latencies(on, off, media: list[dict], args) -> tuple[float, float]:
+    """Median latency of follow-up turns that re-send every media item of the first turn, cache on
+    and off measured alternately (so that load from elsewhere on the machine hits both alike)."""
+    first = [{"role": "user", "content": [{"type": "text", "text": "Describe these."}, *media]}]
+    replies = {id(c): chat(c, first, args.max_tokens).choices[0].message.content or "ok" for c in (on, off)}
+    times: dict[int, list[float]] = {id(on): [], id(off): []}
+    for i in range(args.followups):
+        for c in (on, off):
+            convo = first + [{"role": "assistant", "content": replies[id(c)]},
+                             {"role": "user", "content": f"Question {i}: which one is loudest?"}]
+            t0 = time.perf_counter()
+            chat(c, convo, args.max_tokens)
+            times[id(c)].append(time.perf_counter() - t0)
+    return statistics.median(times[id(on)]), statistics.median(times[id(off)])
+
+
+def throughput(client, requests: list[list[dict]], workers: int, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda m: chat(client, m, max_tokens), requests))
+    return len(requests) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    import openai
+    import requests
+
+    args = parse_args()
+    port = free_port()
+    print(f"starting Serve on 127.0.0.1:{port} (tiny preset, two apps: cache on / off) ...", flush=True)
+    start(port, args.clients)
+    try:
+        mk = lambda prefix: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{prefix}/v1", api_key="-",  # noqa: E731
+                                          max_retries=0, timeout=600)
+        on, off = mk("on"), mk("off")
+        media = photo_parts(args.images) + clip_parts(args.clips, args.clip_seconds)
+        warm = [{"role": "user", "content": "hello"}]
+        for c in (on, off):
+            chat(c, warm, 2)
+        lat_on, lat_off = followup_latencies(on, off, media, args)
+        stats = lambda name: requests.get(f"http://127.0.0.1:{port}/{name}/v1/stats", timeout=30).json()  # noqa: E731
+        model_stats = {name: stats(name) for name in ("on", "off")}
+
+        photos = photo_parts(4)
+        reqs = [[{"role": "user", "content": [{"type": "text", "text": f"Client {i}: what is in the picture?"},
+                                              photos[i % 4]]}] for i in range(args.clients * args.rounds)]
+        throughput(on, reqs[: args.clients], args.clients, args.max_tokens)  # warm: caches the 4 photos
+        seqs, pars = [], []
+        for _ in range(args.trials):
+            seqs.append(throughput(on, reqs, 1, args.max_tokens))
+            before = stats("on")
+            pars.append(throughput(on, reqs, args.clients, args.max_tokens))
+            after = stats("on")
+        seq, par = statistics.median(seqs), statistics.median(pars)
+        steps = after["steps"] - before["steps"]
+        mean_batch = (after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]) / max(steps, 1)
+    finally:
+        stop()
+
+    for name, st in model_stats.items():
+        c = st["cache"]
+        print(f"cache {name:3s}: {st['requests']} requests; decode+encode+render {st['prepare_seconds']:.2f} s "
+              f"(encoders {st['encode_seconds']:.2f} s), generation {st['generate_seconds']:.2f} s; "
+              f"cache hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}")
+    print(f"concurrent phase: {mean_batch:.1f} requests decoded together on average (max {after['max_batch']})")
+    k = args.images + args.clips
+    cache_x, conc_x = lat_off / lat_on, par / seq
+    print(f"\n{'':44s}{'cache on':>12s}{'cache off':>12s}{'speedup':>10s}")
+    print(f"{f'follow-up turn re-sending {k} media (s)':44s}{lat_on:12.3f}{lat_off:12.3f}{cache_x:9.1f}x")
+    print(f"\n{'':44s}{'1 client':>12s}{f'{args.clients} clients':>12s}{'speedup':>10s}")
+    print(f"{f'throughput, {len(reqs)} requests (req/s)':44s}{seq:12.2f}{par:12.2f}{conc_x:9.1f}x")
+    print(json.dumps({"cache_speedup": round(cache_x, 2), "concurrency_speedup": round(conc_x, 2),
+                      "followup_s": {"cache_on": round(lat_on, 3), "cache_off": round(lat_off, 3)},
+                      "throughput_rps": {"sequential": round(seq, 2), "concurrent": round(par, 2)},
+                      "mean_batch": round(mean_batch, 2)}))
+
+
+if __name__ == "__main__":
+    main()
