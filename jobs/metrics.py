@@ -1,0 +1,101 @@
+"""Small metric loggers for training jobs: a no-op default, a JSONL file, a progress bar.
+
+Only rank 0 gets a real logger (the loop hands the others :class:`NullLogger`), so there is one
+line per step however many workers run. Each JSONL line is one record: ``{"step": 10, "loss": ...}``
+for metrics, ``{"event": "start", "start_step": 4, ...}`` for lifecycle events; the loss curves of
+jobs/evaluate.py are read from these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Protocol
+
+
+class MetricsLogger(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def event(self, name: str, **fields: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    """The default: every call does nothing (non-zero ranks, tests that do not care)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def event(self, name: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """Appends one JSON object per line and flushes it, so a crash loses nothing already logged."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "a")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._write({"step": step, "time": round(time.time(), 3), **metrics})
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._write({"event": name, "time": round(time.time(), 3), **fields})
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ProgressLogger:
+    """A progress bar over optimizer steps showing the latest loss; Ray's tqdm inside workers."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        try:  # inside a Ray worker, tqdm_ray renders one clean bar on the driver's console
+            from ray.experimental.tqdm_ray import tqdm
+        except ImportError:  # pragma: no cover - ray is a dependency; plain tqdm elsewhere
+            from tqdm import tqdm
+        self._bar = tqdm(total=total, initial=initial, desc=desc)
+        self._last = initial
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._bar.update(step - self._last)
+        self._last = step
+        if "loss" in metrics:
+            self._bar.set_description(f"loss {metrics['loss']:.4f}")
+
+    def event(self, name: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class MultiLogger:
+    def __init__(self, *loggers: MetricsLogger):
+        self.loggers = loggers
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for lg in self.loggers:
+            lg.log(step, metrics)
+
+    def event(self, name: str, **fields: Any) -> None:
+        for lg in self.loggers:
+            lg.event(name, **fields)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,334 @@
+"""Typed configuration of the training jobs (stage 1 ``pretrain``, stage 2 ``finetune``).
+
+One dataclass per concern, composed into :class:`TrainConfig`. A job builds it in three layers,
+later ones winning: the stage's defaults (:func:`stage_defaults`), a YAML file, then ``key=value``
+overrides from the command line::
+
+    python jobs/finetune.py --config my.yaml --set train.lr=1e-4 train.max_steps=200
+    python jobs/finetune.py run.name=exp1 --resume
+
+Every key is checked against the dataclasses: a typo is an error naming the key and the keys that
+exist. Values are coerced to the field's type (``train.lr=1e-4`` is a float, ``deepspeed.bf16=auto``
+stays a string), so YAML's quirks (``1e-4`` is a string in YAML 1.1) never reach the trainer.
+
+Batch arithmetic: one optimizer step sees ``micro_batch_size * grad_accum * num_workers`` packed
+rows of ``context_length`` tokens (DeepSpeed's ``train_batch_size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from mmm.config import from_dict
+
+STAGES = ("pretrain", "finetune")
+LLM_MODES = ("frozen", "full", "lora")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    """Model preset (mmm.config.preset) used when there is no ``init`` checkpoint to start from."""
+    init: str | None = None
+    """Checkpoint to start from (local or s3://): stage 2 starts from stage 1's export. None builds
+    the preset fresh (stage 1 only)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields over the preset, nested (``{"llm": {"num_layers": 4}}``); tunes the tiny preset."""
+
+
+@dataclass
+class DataSection:
+    dialogues: str = ""
+    """Dialogue Parquet (stage 2) or caption/transcript pairs (stage 1); a local path or s3://."""
+    features: str = ""
+    """Encoder-feature Parquet that dialogues are joined with."""
+    media: str | None = None
+    """Media Parquet; only needed when a job reads captions/transcripts from it."""
+    split: str = "train"
+    """Rows of this split are trained on; the eval split is held out for jobs/evaluate.py."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer; cheap, and reshuffled every epoch with a new seed."""
+
+
+@dataclass
+class OptimSection:
+    """Steps, batch and optimizer. Defaults are the paper's stage 2 (constant lr 2e-5, batch 12, 8192)."""
+
+    max_steps: int = 1000
+    """Optimizer steps (not micro-batches); the data loops over epochs until this many are done."""
+    micro_batch_size: int = 1
+    """Packed rows per worker per forward pass."""
+    grad_accum: int = 6
+    """Micro-batches per optimizer step; 1 x 6 x 2 workers = the paper's batch of 12."""
+    context_length: int = 8192
+    """Tokens per packed row (the paper's stage 2 context)."""
+    lr: float = 2e-5
+    schedule: str = "constant"
+    """constant | cosine | linear (decay after warmup). The paper's stage 2 is constant."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine/linear decay as a fraction of ``lr``."""
+    weight_decay: float = 0.0
+    """Applied to matrices only (not biases, norms or embeddings' 1-d params)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables it."""
+    seed: int = 0
+    """Seeds model init (same on every rank) and data shuffling (different per rank and epoch)."""
+    log_every: int = 10
+    """Optimizer steps between metric lines (loss, lr, tokens/s) from rank 0."""
+    checkpoint_every: int = 500
+    """Optimizer steps between checkpoints; the last step is always checkpointed."""
+
+
+@dataclass
+class LoraSection:
+    """Used when ``llm: lora``: peft LoRA adapters on the LM, projectors trained in full."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Llama/Mistral attention projections, the usual LoRA targets."""
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    """ZeRO-2 partitions gradients and optimizer state; parameters stay whole on every rank, so rank 0
+    can export the model without a gather."""
+    offload_optimizer: bool = False
+    """Optimizer state and step on CPU (DeepSpeedCPUAdam, a JIT-built op: 40-110 s once, then cached
+    in TORCH_EXTENSIONS_DIR). Saves GPU memory for 7B models; pointless on CPU-only workers."""
+    bf16: str | bool = "auto"
+    """auto: bf16 on GPUs that support it, fp32 on CPU (CPU bf16 matmuls are slow without AMX)."""
+
+
+@dataclass
+class ResourcesSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """Ray CPUs per worker; on a 2-core box leave room for Ray Data (ENVIRONMENT.md: deadlock)."""
+
+
+@dataclass
+class RunSection:
+    name: str | None = None
+    """Ray Train run name; the same name + storage_path resumes. None: ``{stage}-{timestamp}``."""
+    storage_path: str = "outputs/ray_results"
+    """Where Ray Train keeps checkpoints: a local folder (made absolute) or s3://bucket/prefix."""
+    output_dir: str = "outputs/train"
+    """Where rank 0 exports the final model (Hugging Face layout) and metrics.jsonl; local or s3://."""
+    s3_endpoint: str | None = None
+    """Endpoint of an S3-compatible store (tests: a local moto server); None uses AWS."""
+    max_failures: int = 2
+    """Worker-group restarts after a lost worker; each resumes from the latest checkpoint."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage (the newest)."""
+    progress: bool = True
+    """Progress bar from rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"
+    """pretrain (stage 1: projectors on caption/transcript pairs) | finetune (stage 2: dialogues)."""
+    llm: str = "full"
+    """What of the LM trains: frozen (stage 1) | full | lora. Projectors always train."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: OptimSection = field(default_factory=OptimSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        _check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        _check(self.llm in LLM_MODES, f"llm must be one of {LLM_MODES}, got {self.llm!r}")
+        _check(self.stage != "pretrain" or self.llm == "frozen", "stage 1 (pretrain) trains projectors only: llm must be 'frozen'")
+        t = self.train
+        _check(t.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "context_length", "log_every", "checkpoint_every"):
+            _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+        _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+        _check(len(t.betas) == 2, f"train.betas needs two values, got {t.betas}")
+        _check(self.deepspeed.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {self.deepspeed.zero_stage}")
+        _check(self.deepspeed.bf16 in ("auto", True, False), f"deepspeed.bf16 must be auto, true or false, got {self.deepspeed.bf16!r}")
+        _check(self.resources.num_workers >= 1, "resources.num_workers must be >= 1")
+
+    @property
+    def global_batch(self) -> int:
+        """Packed rows per optimizer step over all workers (DeepSpeed's train_batch_size)."""
+        return self.train.micro_batch_size * self.train.grad_accum * self.resources.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return from_dict(cls, _coerce_tree(cls, d, ""))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def stage_defaults(stage: str, preset: str = "tiny") -> dict[str, Any]:
+    """Defaults per stage and preset, as a dict that YAML and overrides are merged over.
+
+    Real presets keep the paper: stage 2 constant lr 2e-5, batch 12, context 8192; stage 1 trains
+    projectors only at LLaVA's 1e-3 with cosine decay. The tiny preset scales down (context 1024,
+    the calibration's lr 2e-3 cosine) so a 2-core box learns in minutes.
+    """
+    _check(stage in STAGES, f"stage must be one of {STAGES}, got {stage!r}")
+    d: dict[str, Any] = {"stage": stage, "llm": "frozen" if stage == "pretrain" else "full",
+                         "model": {"preset": preset}, "run": {"output_dir": f"outputs/{stage}"}}
+    train: dict[str, Any] = {}
+    if stage == "pretrain":
+        train.update(lr=1e-3, schedule="cosine", warmup_steps=10, context_length=2048)
+    if preset == "tiny":
+        train.update(context_length=1024, micro_batch_size=2, grad_accum=1, lr=2e-3, schedule="cosine",
+                     warmup_steps=10, min_lr_ratio=0.1, max_steps=300, checkpoint_every=100)
+    d["train"] = train
+    return d
+
+
+# ---- loading: defaults <- YAML <- overrides --------------------------------------------------
+
+
+def load_config(stage: str, path: str | None = None, overrides: list[str] = (), preset: str | None = None) -> TrainConfig:
+    """Build a TrainConfig: ``stage_defaults`` <- YAML file at ``path`` <- ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        _check(isinstance(tree, dict), f"{path}: expected a mapping at the top level")
+    parsed = [parse_override(o) for o in overrides]
+    preset = preset or _lookup(parsed, "model.preset") or tree.get("model", {}).get("preset") or "tiny"
+    merged = _merge(stage_defaults(stage, preset), tree)
+    _check(merged.get("stage", stage) == stage, f"config says stage {merged.get('stage')!r} but this job is {stage!r}")
+    for key, value in parsed:
+        _set_path(merged, key, value)
+    return TrainConfig.from_dict(merged)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-4`` -> ("train.lr", value parsed as YAML; coerced to the field type later)."""
+    key, sep, raw = text.partition("=")
+    _check(bool(sep) and bool(key.strip()), f"override {text!r} is not key=value (e.g. train.lr=1e-4)")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _lookup(parsed: list[tuple[str, Any]], key: str) -> Any:
+    return next((v for k, v in reversed(parsed) if k == key), None)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c``; checks each name against the dataclasses so a typo names the valid keys."""
+    cls: Any = TrainConfig
+    node = tree
+    parts = dotted.split(".")
+    for i, name in enumerate(parts):
+        if cls is not None:
+            hints = typing.get_type_hints(cls)
+            if name not in hints:
+                where = ".".join(parts[:i]) or "top level"
+                raise ValueError(f"unknown config key {dotted!r}: {where} has {sorted(hints)}")
+            cls = hints[name] if dataclasses.is_dataclass(hints[name]) else None
+        if i == len(parts) - 1:
+            node[name] = value
+        else:
+            node = node.setdefault(name, {})
+            _check(isinstance(node, dict), f"cannot set {dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
+
+
+def _coerce_tree(cls: type, d: Any, where: str) -> Any:
+    """Coerce each leaf of ``d`` to its dataclass field's type; unknown keys are left for from_dict."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where or cls.__name__}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in d.items():
+        t = hints.get(name)
+        key = f"{where}.{name}" if where else name
+        if t is not None and dataclasses.is_dataclass(t):
+            out[name] = _coerce_tree(t, value, key)
+        elif t is not None:
+            out[name] = _coerce(value, t, key)
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(value: Any, t: Any, key: str) -> Any:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):  # first type that takes the value wins
+            try:
+                return _coerce(value, a, key)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{key}: {value!r} is not a {t}")
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value] if args else list(value)
+    if origin is dict or t is dict:
+        _check(isinstance(value, dict), f"{key}: expected a mapping, got {value!r}")
+        return value
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if t in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value) if t is float else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {t.__name__}, got {value!r}") from None
+        _check(t is float or float(value) == number, f"{key}: expected an integer, got {value!r}")
+        return number
+    if t is str:
+        _check(isinstance(value, str), f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with TrainConfig sections (train:, data:, run:, ...)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="overrides such as train.lr=1e-4 run.name=exp1")
+    parser.add_argument("--resume", action="store_true", help="continue run.name from its latest checkpoint")
+    parser.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides, without --set")
+
+
+def config_from_args(stage: str, argv: list[str] | None = None, description: str = "") -> tuple[TrainConfig, bool]:
+    """Parse a job's command line: returns (config, resume)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    return load_config(stage, args.config, [*args.overrides, *args.extra]), args.resume

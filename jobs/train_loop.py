@@ -1,0 +1,366 @@
+"""The one training loop both stages run: Ray Train ``TorchTrainer`` workers driving DeepSpeed.
+
+A job supplies a :class:`TrainConfig`, a Ray Dataset of training rows and :class:`TrainHooks`
+(module-level functions: how to build the model inside a worker, how to turn rows into
+micro-batches, how to export the final model) and calls :func:`fit`::
+
+    hooks = TrainHooks(build_model=build_stage2_model, make_batches=packed_batches, export=export_model)
+    result = fit(cfg, hooks, {"train": ray.data.read_parquet(...)}, resume=args.resume)
+
+Each worker runs a fixed lifecycle -- setup (seed, build the model from the config, never from
+``train_loop_config`` objects; ``deepspeed.initialize``; restore the latest Ray Train checkpoint)
+-> train (optimizer steps until ``train.max_steps``; checkpoints every ``train.checkpoint_every``)
+-> save (rank 0 exports the model with ZeRO-2's whole parameters, plus metrics.jsonl) -> cleanup.
+
+Steps count optimizer steps. Each worker loops its Ray Data shard over epochs; ranks agree every
+micro-batch on whether all still have data (one tiny all-reduce), so a shard that runs dry first
+makes every rank start the next epoch together -- Ray's streaming split starts an epoch only when
+all splits ask for it, and a rank waiting there while another waits in a gradient all-reduce
+would hang. The ranks' leftovers of that epoch are skipped. The position inside an epoch is not
+checkpointed: a resumed run starts a fresh, differently shuffled epoch.
+
+Resume and failures: re-running with the same ``run.name`` and ``run.storage_path`` continues from
+the latest checkpoint (Ray Train V2's auto-resume, through ``ray.train.get_checkpoint()``);
+``FailureConfig(max_failures)`` restarts a worker group that lost a worker the same way, so the run
+still ends at ``max_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from jobs import storage
+from jobs.metrics import JsonlLogger, NullLogger, ProgressLogger
+from jobs.train_config import TrainConfig
+
+Batch = dict[str, Any]
+CHECKPOINT_TAG = "step_{:08d}"
+FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+def default_count_tokens(batch: Batch) -> int:
+    """Real tokens in a micro-batch, for tokens/s: the collator's ``num_tokens`` (mmm.packing), else
+    the attention mask's sum, else every input id."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What differs between jobs. Use module-level functions: they travel to workers by reference."""
+
+    build_model: Callable[[TrainConfig], torch.nn.Module]
+    """In each worker: build or load the model and set what trains (cfg.llm). Seeded identically."""
+    make_batches: Callable[[torch.nn.Module, TrainConfig, Iterable[dict]], Iterator[Batch]]
+    """One epoch of this worker's rows (dicts) -> micro-batches, each called as ``model(**batch)``
+    and returning an object with ``.loss`` (e.g. rows -> render -> mmm.packing.collate_packed)."""
+    export: Callable[[torch.nn.Module, str, TrainConfig], None] | None = None
+    """Rank 0 after the last step: write the final model into a local folder (e.g. save_pretrained)."""
+    count_tokens: Callable[[Batch], int] = default_count_tokens
+    model_inputs: Callable[[Batch], Batch] | None = None
+    """Picks the forward's keyword arguments out of a batch (e.g. mmm.packing.model_inputs drops
+    ``num_tokens``/``rows``); None passes the whole batch."""
+
+
+# ---- driver side ------------------------------------------------------------------------------
+
+
+def fit(cfg: TrainConfig, hooks: TrainHooks, datasets: dict[str, Any], resume: bool = False):
+    """Run (or resume) training on Ray Train; returns the ``ray.train.Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = _resolved(cfg, resume)
+    fs, path = _storage(cfg)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if not cfg.resources.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "hooks": hooks},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
+            resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": env}),
+        datasets=datasets,
+    )
+    return trainer.fit()
+
+
+def _resolved(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """Absolute local paths (workers run elsewhere) and a run name that matches ``resume``."""
+    run = cfg.run
+    local = {k: os.path.abspath(v) for k in ("storage_path", "output_dir") if not storage.is_remote(v := getattr(run, k))}
+    run = dataclasses.replace(run, **local)
+    existing = sorted(n for n in storage.listdir(run.storage_path, run.s3_endpoint) if n.startswith(f"{cfg.stage}-"))
+    name = run.name
+    if name is None and resume:
+        if not existing:
+            raise FileNotFoundError(f"--resume: no {cfg.stage} run under {run.storage_path}; give run.name")
+        name = existing[-1]
+    name = name or f"{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    has_ckpt = any(n.startswith("checkpoint_") for n in storage.listdir(f"{run.storage_path}/{name}", run.s3_endpoint))
+    if has_ckpt and not resume:
+        raise FileExistsError(f"run {name!r} already has checkpoints in {run.storage_path}: pass --resume to "
+                              "continue it, or choose another run.name")
+    if resume and not has_ckpt:
+        raise FileNotFoundError(f"--resume: run {name!r} has no checkpoint in {run.storage_path}")
+    return dataclasses.replace(cfg, run=dataclasses.replace(run, name=name))
+
+
+def _storage(cfg: TrainConfig):
+    if not storage.is_remote(cfg.run.storage_path):
+        return None, cfg.run.storage_path
+    if cfg.run.s3_endpoint:
+        return storage.resolve(cfg.run.storage_path, cfg.run.s3_endpoint)
+    return None, cfg.run.storage_path
+
+
+# ---- worker side: setup -> train -> save -> cleanup ---------------------------------------------
+
+
+@dataclass
+class _Worker:
+    cfg: TrainConfig
+    hooks: TrainHooks
+    engine: Any
+    rank: int
+    world: int
+    start_step: int
+    batches: "_SyncedBatches"
+    records: Any
+    """rank 0: metrics.jsonl; others: NullLogger."""
+    bar: Any
+    """rank 0 with run.progress: a progress bar updated every step; others: NullLogger."""
+    metrics_path: str | None
+    staging: str | None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function; ``config`` holds the config as plain data and the hooks."""
+    w = _setup(TrainConfig.from_dict(config["cfg"]), config["hooks"])
+    try:
+        _train(w)
+        _save(w)
+    finally:
+        _cleanup(w)
+
+
+def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
+    import deepspeed
+    import ray.train
+
+    from jobs.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
+
+    t0 = time.time()
+    if not cfg.resources.use_gpu:
+        _skip_shm_comm_build()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+    model = hooks.build_model(cfg)
+    optimizer = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+                                      lr_scheduler=build_scheduler(optimizer, cfg))
+    staging = None if rank else _metrics_dir(cfg)
+    metrics_path = None if rank else os.path.join(staging, "metrics.jsonl")
+    start_step = _restore(engine, metrics_path)
+    records = JsonlLogger(metrics_path) if rank == 0 else NullLogger()
+    bar = ProgressLogger(cfg.train.max_steps, start_step, cfg.stage) if rank == 0 and cfg.run.progress else NullLogger()
+    records.event("start", start_step=start_step, param_norm=_param_norm(engine.module), max_steps=cfg.train.max_steps, world_size=world,
+                 global_batch=cfg.global_batch, bf16=bool(engine.bfloat16_enabled()), setup_s=round(time.time() - t0, 2))
+    shard = ray.train.get_dataset_shard("train")
+    epochs = _EpochRows(shard, cfg, rank, start_step)
+    batches = _SyncedBatches(lambda e: hooks.make_batches(engine.module, cfg, epochs(e)), world, engine.device)
+    return _Worker(cfg, hooks, engine, rank, world, start_step, batches, records, bar, metrics_path, staging)
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend JIT-builds its ``shm_comm`` op when it initializes (85 s on a fresh
+    venv here, then ~1 s of compiler probes per worker start), yet only its *inference* all-reduce
+    uses it; training collectives go through torch.distributed (gloo). Without it DeepSpeed falls
+    back to torch.distributed everywhere (deepspeed/comm/torch.py checks for None)."""
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports torch itself under
+    # that attribute name, so the import statement would hand back (and patch) the torch package.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def _metrics_dir(cfg: TrainConfig) -> str:
+    """Rank 0 writes metrics.jsonl straight into a local output_dir (tail-able); else a temp folder."""
+    if storage.is_remote(cfg.run.output_dir):
+        return tempfile.mkdtemp(prefix="mmm-metrics-")
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    return cfg.run.output_dir
+
+
+def _restore(engine, metrics_path: str | None) -> int:
+    """Load the latest Ray Train checkpoint if there is one; returns the step to continue from."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        if metrics_path:
+            open(metrics_path, "w").close()  # a fresh run starts a fresh log
+        return 0
+    with ckpt.as_directory() as d:
+        _, client_state = engine.load_checkpoint(d)
+        if client_state is None:
+            raise RuntimeError(f"checkpoint {ckpt.path} has no DeepSpeed state")
+        if metrics_path and os.path.exists(os.path.join(d, "metrics.jsonl")):
+            shutil.copyfile(os.path.join(d, "metrics.jsonl"), metrics_path)  # history up to that step only
+    return int(client_state["step"])
+
+
+def _train(w: _Worker) -> None:
+    cfg, engine = w.cfg, w.engine
+    t = cfg.train
+    window = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens since the last log
+    window_start = time.time()
+    for step in range(w.start_step + 1, t.max_steps + 1):
+        local = torch.zeros(3, dtype=torch.float64)
+        for _ in range(t.grad_accum):
+            batch = w.batches.next()
+            inputs = w.hooks.model_inputs(batch) if w.hooks.model_inputs else batch
+            loss = engine(**_to_device(inputs, engine.device, torch.bfloat16 if engine.bfloat16_enabled() else None)).loss
+            engine.backward(loss)
+            engine.step()
+            local += torch.tensor([float(loss.detach()), 1.0, float(w.hooks.count_tokens(batch))], dtype=torch.float64)
+        window += _all_reduce_sum(local, w.world, engine.device)
+        metrics = {"loss": float(window[0] / window[1]), "lr": float(engine.get_lr()[0]), "epoch": w.batches.epoch}
+        w.bar.log(step, metrics)
+        checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
+        if checkpoint:
+            metrics["param_norm"] = _param_norm(engine.module)
+        if step % t.log_every == 0 or checkpoint:
+            elapsed = time.time() - window_start
+            metrics.update(tokens_per_s=float(window[2]) / max(elapsed, 1e-9), steps_per_s=_steps(window, w) / max(elapsed, 1e-9))
+            w.records.log(step, metrics)
+            window.zero_()
+            window_start = time.time()
+        if checkpoint:
+            _checkpoint(w, step, metrics)
+
+
+def _param_norm(module: torch.nn.Module) -> float:
+    """L2 norm of the trainable weights: logged at checkpoints and at (re)start to show a resume
+    restored exactly the weights that were saved."""
+    with torch.no_grad():
+        return float(sum(p.detach().float().pow(2).sum() for p in module.parameters() if p.requires_grad) ** 0.5)
+
+
+def _steps(window: torch.Tensor, w: _Worker) -> float:
+    return float(window[1]) / (w.world * w.cfg.train.grad_accum)
+
+
+def _checkpoint(w: _Worker, step: int, metrics: dict[str, float]) -> None:
+    """Every rank saves its DeepSpeed shard into a temp folder; Ray Train merges them in storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="mmm-ckpt-") as tmp:
+        w.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG.format(step), client_state={"step": step})
+        if w.rank == 0:
+            shutil.copyfile(w.metrics_path, os.path.join(tmp, "metrics.jsonl"))
+            with open(os.path.join(tmp, "train_config.json"), "w") as f:
+                json.dump(w.cfg.to_dict(), f, indent=1)
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def _save(w: _Worker) -> None:
+    """Rank 0 exports the model (ZeRO-2 keeps whole parameters on every rank) and the metrics."""
+    if w.rank != 0:
+        return
+    w.records.event("end", step=w.cfg.train.max_steps)
+    w.records.close()
+    out = w.cfg.run.output_dir
+    local = out if not storage.is_remote(out) else w.staging
+    if w.hooks.export is not None:
+        w.hooks.export(w.engine.module, os.path.join(local, "model"), w.cfg)
+    storage.upload_dir(local, out, w.cfg.run.s3_endpoint)
+
+
+def _cleanup(w: _Worker) -> None:
+    w.records.close()
+    w.bar.close()
+    if w.staging and storage.is_remote(w.cfg.run.output_dir):
+        shutil.rmtree(w.staging, ignore_errors=True)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+class _EpochRows:
+    """``epochs(e)`` -> this worker's rows for epoch ``e``, shuffled with a seed per (rank, epoch)."""
+
+    def __init__(self, shard, cfg: TrainConfig, rank: int, start_step: int):
+        self.shard, self.cfg, self.rank, self.start_step = shard, cfg, rank, start_step
+
+    def __call__(self, epoch: int) -> Iterator[dict]:
+        buf = self.cfg.data.shuffle_buffer
+        seed = self.cfg.train.seed + 1_000_003 * self.start_step + 1009 * epoch + self.rank
+        for table in self.shard.iter_batches(batch_size=64, batch_format="pyarrow",
+                                             local_shuffle_buffer_size=buf or None, local_shuffle_seed=seed if buf else None):
+            yield from table.to_pylist()
+
+
+class _SyncedBatches:
+    """Micro-batches from per-epoch iterators; all ranks switch epochs together (see module doc)."""
+
+    def __init__(self, epoch_batches: Callable[[int], Iterator[Batch]], world: int, device):
+        self._epoch_batches, self._world, self._device = epoch_batches, world, device
+        self.epoch = 0
+        self._it = iter(epoch_batches(0))
+
+    def next(self) -> Batch:
+        for _ in range(2):  # the current epoch, else one fresh epoch, must serve every rank
+            batch = next(self._it, None)
+            have = torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64)
+            if self._world == 1 or float(_all_reduce_sum(have, self._world, self._device)) == self._world:
+                if batch is not None:
+                    return batch
+            self.epoch += 1
+            self._it = iter(self._epoch_batches(self.epoch))
+        raise RuntimeError("a fresh epoch gave some worker no micro-batch: the dataset has too few rows for "
+                           "num_workers x micro_batch_size (or make_batches yields nothing)")
+
+
+def _all_reduce_sum(x: torch.Tensor, world: int, device) -> torch.Tensor:
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    y = x.to(device)
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def _to_device(obj: Any, device, float_dtype: torch.dtype | None) -> Any:
+    """Tensors (also inside lists/dicts) to the device; floats to the compute dtype under bf16."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device)
+        return obj.to(float_dtype) if float_dtype is not None and obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, float_dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device, float_dtype) for v in obj)
+    return obj
