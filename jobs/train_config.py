@@ -91,17 +91,6 @@ class OptimSection:
 
 
 @dataclass
-class LoraSection:
-    """Used when ``llm: lora``: peft LoRA adapters on the LM, projectors trained in full."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Llama/Mistral attention projections, the usual LoRA targets."""
-
-
-@dataclass
 class DeepSpeedSection:
     zero_stage: int = 2
     """ZeRO-2 partitions gradients and optimizer state; parameters stay whole on every rank, so rank 0
@@ -144,11 +133,11 @@ class TrainConfig:
     stage: str = "finetune"
     """pretrain (stage 1: projectors on caption/transcript pairs) | finetune (stage 2: dialogues)."""
     llm: str = "full"
-    """What of the LM trains: frozen (stage 1) | full | lora. Projectors always train."""
+    """What of the LM trains: frozen (stage 1) | full | lora. Projectors always train. LoRA's rank,
+    alpha and targets are model settings (mmm.config.LLMConfig.lora_*), set through model.overrides."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: OptimSection = field(default_factory=OptimSection)
-    lora: LoraSection = field(default_factory=LoraSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     run: RunSection = field(default_factory=RunSection)
