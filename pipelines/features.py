@@ -1,0 +1,201 @@
+"""Features: ingest -> frozen encoders (a batched actor pool) -> the Parquet feature store.
+
+One streaming Ray Data pass::
+
+    uris -> [ReadBytes -> Validate] -> EncodeMedia (actors, CPU or GPU) -> WriteFeatures -> results
+
+The small per-item results (no bytes, no tensors) come back to the driver, which writes
+``<out>/media.parquet`` (MEDIA) and ``<out>/errors.parquet`` (ERRORS); features go to
+``<out>/features/`` part by part as they are computed (see :mod:`pipelines.store`), so a crash
+loses at most the batches in flight and a rerun encodes only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmm.config import ModelConfig, preset
+from mmm.media import MediaLimits, decode_audio, decode_image
+from mmm.schema import AUDIO, IMAGE, encode_tensor
+
+from .ingest import ROW, ReadBytes, Validate, errors_table, media_table, read_source, unique_uris
+from .runtime import Chain, PoolConfig, RayConfig, require, set_torch_threads
+from .storage import StorageConfig, join, write_parquet_atomic
+from .store import FEATURES_DIR, FeatureStore
+
+# What EncodeMedia emits: the ingest row without its bytes, plus the feature columns.
+ENCODED = pa.schema(
+    [f for f in ROW if f.name != "bytes"]
+    + [
+        ("status", pa.string()),
+        ("encoder", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("dtype", pa.string()),
+        ("data", pa.binary()),
+    ]
+)
+RESULT = pa.schema([f for f in ENCODED if f.name != "data"] + [("part", pa.string())])
+
+
+@dataclass
+class FeaturesConfig:
+    source: str = ""
+    """A manifest (.parquet/.jsonl with uri + optional caption/transcript/lang), a folder or an s3:// prefix."""
+    out: str = "outputs/data"
+    """Root for media.parquet, errors.parquet and features/ (local path or s3://bucket/prefix)."""
+    preset: str = "tiny"
+    """Model preset whose frozen encoders make the features (their names key the store)."""
+    ingest: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=64, num_cpus=0.25))
+    """Read + hash + validate, chained in one light actor: decoding PNG/WAV keeps up with the encoders."""
+    encode: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=2, batch_size=64, num_cpus=0.5))
+    """The encoder pool: on a GPU cluster set num_gpus=1 and concurrency = number of GPUs."""
+    write: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=512, num_cpus=0.25))
+    """batch_size here is rows per Parquet part: fewer, larger files than the encoder's batches."""
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("features needs a source: a manifest, a folder or an s3:// prefix")
+
+
+def _decode(modality: str, data: bytes, limits: MediaLimits, name: str):
+    return decode_image(data, limits, name) if modality == IMAGE else decode_audio(data, limits, name)
+
+
+class EncodeMedia:
+    """Frozen encoders, loaded once per actor; skips ids the store already holds for them."""
+
+    NEEDS = ("uri", "modality", "media_id", "bytes", "error")
+
+    def __init__(self, model: ModelConfig, store_uri: str, storage: StorageConfig, limits: MediaLimits, num_cpus: float):
+        import torch
+
+        from mmm.encoders import build_encoders
+
+        set_torch_threads(num_cpus)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        vision, audio = build_encoders(model)
+        self.encoders = {IMAGE: vision.to(device), AUDIO: audio.to(device)}
+        self.limits = limits
+        index = FeatureStore(store_uri, storage).index()
+        self.done = {
+            m: set(index.filter(pc.equal(index["encoder"], enc.name))["media_id"].to_pylist())
+            for m, enc in self.encoders.items()
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, self.NEEDS, type(self).__name__)
+        rows = batch.to_pylist()
+        for row in rows:
+            row["status"] = "error" if row["error"] is not None else None
+        for modality, encoder in self.encoders.items():
+            todo = {}
+            for row in rows:
+                if row["status"] is None and row["modality"] == modality:
+                    if row["media_id"] in self.done[modality] or row["media_id"] in todo:
+                        row["status"] = "skipped"  # in the store, or twice in this batch
+                    else:
+                        todo[row["media_id"]] = row
+            self._encode(encoder, modality, list(todo.values()))
+        for row in rows:
+            row.pop("bytes")
+        return pa.Table.from_pylist(rows, schema=ENCODED)
+
+    def _encode(self, encoder, modality: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        items = [_decode(modality, r["bytes"], self.limits, r["uri"]) for r in rows]
+        try:
+            feats = encoder.encode(items)
+        except Exception:  # isolate the item that breaks the batch; the others still get encoded
+            feats = [self._encode_one(encoder, item, row) for item, row in zip(items, rows)]
+        for row, feat in zip(rows, feats):
+            if feat is None:
+                continue
+            row.update(encode_tensor(feat.numpy()), encoder=encoder.name, status="encoded")
+            self.done[modality].add(row["media_id"])
+
+    @staticmethod
+    def _encode_one(encoder, item, row: dict):
+        try:
+            return encoder.encode([item])[0]
+        except Exception as e:
+            row.update(status="error", stage="encode", error=f"{type(e).__name__}: {e}")
+            return None
+
+
+class WriteFeatures:
+    """Commit the batch's new features as one Parquet part; pass the small results on."""
+
+    NEEDS = ("media_id", "modality", "encoder", "shape", "dtype", "data", "status")
+
+    def __init__(self, store_uri: str, storage: StorageConfig):
+        self.store = FeatureStore(store_uri, storage)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, self.NEEDS, type(self).__name__)
+        new = batch.filter(pc.equal(batch["status"], "encoded"))
+        part = self.store.write_part(new) if len(new) else None
+        parts = pa.array([part if s == "encoded" else None for s in batch["status"].to_pylist()], pa.string())
+        return batch.drop_columns(["data"]).append_column("part", parts).cast(RESULT)
+
+
+def build_pipeline(cfg: FeaturesConfig, uris: pa.Table, model: ModelConfig):
+    """The Ray Data dataset for one features run (lazy until consumed)."""
+    import ray
+
+    store_uri = join(cfg.out, FEATURES_DIR)
+    step = max(1, cfg.ingest.batch_size)
+    blocks = [uris.slice(i, step) for i in range(0, len(uris), step)] or [uris]
+    common = {"batch_format": "pyarrow", "zero_copy_batch": True}
+    ds = ray.data.from_arrow(blocks)
+    ingest = [(ReadBytes, {"storage": cfg.storage}), (Validate, {"limits": cfg.limits})]
+    ds = ds.map_batches(Chain, fn_constructor_kwargs={"stages": ingest}, **common, **cfg.ingest.options())
+    encode_kwargs = dict(model=model, store_uri=store_uri, storage=cfg.storage, limits=cfg.limits, num_cpus=cfg.encode.num_cpus)
+    ds = ds.map_batches(EncodeMedia, fn_constructor_kwargs=encode_kwargs, **common, **cfg.encode.options())
+    write_kwargs = {"store_uri": store_uri, "storage": cfg.storage}
+    return ds.map_batches(WriteFeatures, fn_constructor_kwargs=write_kwargs, **common, **cfg.write.options())
+
+
+def run_features(cfg: FeaturesConfig) -> dict:
+    """Ingest + encode ``cfg.source`` into ``cfg.out``; returns the run's summary."""
+    start = time.time()
+    source = read_source(cfg.source, cfg.storage)
+    uris = unique_uris(source)
+    ds = build_pipeline(cfg, uris, preset(cfg.preset))
+    parts = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    results = pa.concat_tables(parts) if parts else RESULT.empty_table()
+    fs, root = cfg.storage.filesystem(cfg.out)
+    media, errors = media_table(results, source), errors_table(results)
+    write_parquet_atomic(fs, media, join(root, "media.parquet"))
+    write_parquet_atomic(fs, errors, join(root, "errors.parquet"))
+    return summarize(results, media, errors, time.time() - start)
+
+
+def summarize(results: pa.Table, media: pa.Table, errors: pa.Table, seconds: float) -> dict:
+    status = results["status"].to_pylist()
+    encoded = [(m, s) for m, s in zip(results["modality"].to_pylist(), status) if s == "encoded"]
+    shapes = {}
+    for m, shape, s in zip(results["modality"].to_pylist(), results["shape"].to_pylist(), status):
+        if s == "encoded":
+            shapes.setdefault(m, []).append(shape[0])
+    return {
+        "items": len(results),
+        "media_rows": len(media),
+        "errors": len(errors),
+        "errors_by_stage": dict(Counter(errors["stage"].to_pylist())),
+        "encoded": {m: sum(1 for e, _ in encoded if e == m) for m in (IMAGE, AUDIO)},
+        "skipped": status.count("skipped"),
+        "frames_per_item": {m: round(float(np.mean(v)), 1) for m, v in shapes.items()},
+        "parts_written": len({p for p in results["part"].to_pylist() if p}),
+        "seconds": round(seconds, 1),
+        "items_per_s": round(len(results) / max(seconds, 1e-9), 1),
+    }

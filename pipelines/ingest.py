@@ -1,0 +1,198 @@
+"""Ingest: a folder, an ``s3://`` prefix or a manifest -> bytes -> validated media rows or errors.
+
+Sources (:func:`read_source`):
+
+- a manifest, ``*.parquet`` or ``*.jsonl``: a ``uri`` column plus optional ``caption``,
+  ``transcript``, ``lang`` and ``modality``; a uri may appear once per language (bilingual
+  captions); relative uris are resolved against the manifest's folder, so a synthesized root
+  can be copied anywhere, local or S3;
+- anything else is a folder or prefix: every visible file under it, with no text.
+
+Stages (Ray Data, one class each): :class:`ReadBytes` (uri -> bytes, ``media_id`` = sha256) and
+:class:`Validate` (full decode with :mod:`mmm.media`; size, duration; the reason on failure).
+Rows that fail keep flowing with ``error`` and ``stage`` set, so one pass yields the media table,
+the errors table and (after :mod:`pipelines.features`) the features.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmm.config import SAMPLE_RATE
+from mmm.media import MediaError, MediaLimits, decode_audio, decode_image, media_id, sniff_modality
+from mmm.schema import AUDIO, ERRORS, IMAGE, MEDIA
+
+from .runtime import require
+from .storage import StorageConfig, is_remote, join, list_files, uri_of
+
+TEXT_COLUMNS = ("caption", "transcript", "lang")
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+AUDIO_EXT = (".wav", ".mp3", ".flac", ".ogg")
+
+# The row that flows through ingest and features: what decoding learned, or why it failed.
+ROW = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("modality", pa.string()),
+        ("media_id", pa.string()),
+        ("bytes", pa.binary()),
+        ("num_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("duration_s", pa.float32()),
+        ("error", pa.string()),
+        ("stage", pa.string()),
+    ]
+)
+
+
+def read_source(source: str, storage: StorageConfig) -> pa.Table:
+    """Rows of ``uri, modality, caption, transcript, lang`` for a manifest, folder or prefix."""
+    fs, path = storage.filesystem(source)
+    if path.endswith((".parquet", ".jsonl", ".json")):
+        table = _read_manifest(fs, path)
+        base = uri_of(fs, posixpath.dirname(path), source)
+        uris = [u if is_remote(u) or u.startswith("/") else join(base, u) for u in table["uri"].to_pylist()]
+        table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
+    else:
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"source {source!r} is neither a manifest (.parquet/.jsonl) nor a folder")
+        table = pa.table({"uri": [uri_of(fs, p, source) for p in list_files(fs, path)]})
+    for name in ("modality",) + TEXT_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(len(table), pa.string()))
+    return table.select(["uri", "modality", *TEXT_COLUMNS]).cast(
+        pa.schema([(n, pa.string()) for n in ("uri", "modality", *TEXT_COLUMNS)])
+    )
+
+
+def _read_manifest(fs, path: str) -> pa.Table:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, filesystem=fs)
+    else:
+        from pyarrow import json as pajson
+
+        with fs.open(path, "rb") as f:
+            table = pajson.read_json(f)
+    require(table, ("uri",), f"manifest {path}")
+    return table
+
+
+def unique_uris(source: pa.Table) -> pa.Table:
+    """One row per uri (a bilingual manifest lists a file once per language): read it once."""
+    grouped = source.group_by("uri", use_threads=False).aggregate([("modality", "max")])
+    return grouped.rename_columns(["uri", "modality"]).sort_by("uri")
+
+
+class ReadBytes:
+    """uri -> ``bytes`` and ``media_id`` (sha256); an unreadable uri becomes an error row."""
+
+    NEEDS = ("uri", "modality")
+
+    def __init__(self, storage: StorageConfig):
+        self.storage = storage
+        self.filesystems: dict[bool, tuple] = {}
+
+    def _open(self, uri: str):
+        remote = uri.startswith("s3://")
+        if remote not in self.filesystems:
+            self.filesystems[remote] = self.storage.filesystem(uri)[0]
+        return self.filesystems[remote], _path(uri)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, self.NEEDS, type(self).__name__)
+        rows = []
+        for uri, modality in zip(batch["uri"].to_pylist(), batch["modality"].to_pylist()):
+            fs, path = self._open(uri)
+            try:
+                data = fs.cat_file(path)
+            except Exception as e:  # missing file, permissions, network: the run goes on
+                rows.append(_row(uri, modality, error=f"cannot read: {type(e).__name__}: {e}", stage="read"))
+                continue
+            rows.append(_row(uri, modality, data=data))
+        return pa.Table.from_pylist(rows, schema=ROW)
+
+
+def _path(uri: str) -> str:
+    return uri[len("s3://") :] if uri.startswith("s3://") else uri
+
+
+def _row(uri, modality, data: bytes | None = None, error: str | None = None, stage: str | None = None) -> dict:
+    return {
+        "uri": uri,
+        "modality": modality,
+        "media_id": media_id(data) if data is not None else None,
+        "bytes": data,
+        "num_bytes": len(data) if data is not None else None,
+        "error": error,
+        "stage": stage,
+    }
+
+
+def guess_modality(uri: str, data: bytes, hint: str | None) -> str | None:
+    """The manifest's word, else the extension, else the magic bytes."""
+    if hint in (IMAGE, AUDIO):
+        return hint
+    lower = uri.lower()
+    if lower.endswith(IMAGE_EXT):
+        return IMAGE
+    if lower.endswith(AUDIO_EXT):
+        return AUDIO
+    return sniff_modality(data)
+
+
+class Validate:
+    """Decode every item fully (what the encoders will see); record size/duration or the reason."""
+
+    NEEDS = ("uri", "modality", "bytes", "error")
+
+    def __init__(self, limits: MediaLimits):
+        self.limits = limits
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, self.NEEDS, type(self).__name__)
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["error"] is None:
+                self._check(row)
+        return pa.Table.from_pylist(rows, schema=ROW)
+
+    def _check(self, row: dict) -> None:
+        modality = guess_modality(row["uri"], row["bytes"], row["modality"])
+        row["modality"] = modality
+        try:
+            if modality == IMAGE:
+                img = decode_image(row["bytes"], self.limits, row["uri"])
+                row["width"], row["height"] = img.size
+            elif modality == AUDIO:
+                wave = decode_audio(row["bytes"], self.limits, row["uri"])
+                row["duration_s"] = len(wave) / SAMPLE_RATE
+            else:
+                raise MediaError(row["uri"], "unknown media type (not an image or audio format we decode)")
+        except MediaError as e:
+            row.update(error=e.reason, stage="decode", bytes=None)
+
+
+def media_table(results: pa.Table, source: pa.Table) -> pa.Table:
+    """MEDIA rows: every decoded item once per caption language of its uri."""
+    ok = results.filter(pc.is_null(results["error"])).select(
+        ["uri", "media_id", "modality", "num_bytes", "width", "height", "duration_s"]
+    )
+    texts = source.select(["uri", *TEXT_COLUMNS])
+    joined = ok.join(texts, keys="uri", join_type="left outer")
+    table = joined.select(MEDIA.names).cast(MEDIA)
+    return table.sort_by([("media_id", "ascending"), ("uri", "ascending"), ("lang", "ascending")])
+
+
+def errors_table(results: pa.Table) -> pa.Table:
+    """ERRORS rows: uri, stage, reason (and media_id when the bytes were read)."""
+    bad = results.filter(pc.is_valid(results["error"]))
+    table = pa.table(
+        {"uri": bad["uri"], "stage": bad["stage"], "reason": bad["error"], "media_id": bad["media_id"]}
+    )
+    return table.cast(ERRORS).sort_by("uri")

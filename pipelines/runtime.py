@@ -1,0 +1,100 @@
+"""Ray plumbing shared by the stages and jobs: cluster start-up, actor-pool sizing, column checks.
+
+Every Ray Data stage is a class that loads what it needs once in ``__init__`` and transforms one
+``pyarrow.Table`` batch in ``__call__``; it names the columns it reads in ``NEEDS`` and calls
+:func:`require` first, so a wrong input fails with the missing names instead of a KeyError.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass
+class PoolConfig:
+    """One actor pool (``map_batches`` with a class)."""
+
+    concurrency: int = 2
+    """Actors in the pool; one per GPU on a cluster, a couple on a CPU box."""
+    batch_size: int | None = 64
+    """Rows per call (None: one call per block): large enough to amortise Ray's per-batch cost and fill a GPU."""
+    num_cpus: float = 0.5
+    """Fractional on purpose: two whole-CPU actors on a 2-core machine take every CPU and the
+    read/write tasks never get scheduled (Ray Data then waits forever)."""
+    num_gpus: float = 0.0
+    """Set to 1 (or a fraction to share a GPU) on a GPU cluster; 0 runs on CPU."""
+
+    def options(self) -> dict:
+        """``map_batches`` keyword arguments for this pool."""
+        from ray.data import ActorPoolStrategy
+
+        opts = {"compute": ActorPoolStrategy(size=self.concurrency), "batch_size": self.batch_size, "num_cpus": self.num_cpus}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        return opts
+
+
+@dataclass
+class RayConfig:
+    num_cpus: int | None = None
+    """Logical CPUs of a local cluster (ignored when joining one via RAY_ADDRESS). None: the core
+    count, but at least 4, so a 2-core machine can run reads, actors and writes side by side."""
+    progress: bool = True
+    """Ray Data progress bars while a pipeline runs."""
+
+
+def init_ray(cfg: RayConfig) -> bool:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one.
+
+    Returns True when this call started Ray (so the caller should shut it down).
+    """
+    import ray
+    from ray.data import DataContext
+
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            # address="local": never attach to a stale `ray start` left behind on this machine.
+            num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        started = True
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    ctx.enable_operator_progress_bars = cfg.progress
+    return started
+
+
+class Chain:
+    """Several light stages run one after another in the same actor.
+
+    Ray Data never fuses two actor pools, and each pool costs processes and a hop through the
+    object store; cheap stages (read, validate) are better chained in one actor.
+    ``stages`` is a list of ``(class, constructor kwargs)``.
+    """
+
+    def __init__(self, stages: list[tuple[type, dict]]):
+        self.stages = [cls(**kwargs) for cls, kwargs in stages]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+def require(batch: pa.Table, needs: tuple[str, ...], stage: str) -> None:
+    """Fail naming every column ``stage`` needs that ``batch`` lacks."""
+    missing = [c for c in needs if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"{stage} needs columns {missing}; the batch has {batch.column_names}")
+
+
+def set_torch_threads(num_cpus: float) -> None:
+    """Match torch's intra-op threads to the CPUs the actor was given (at least one)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))

@@ -1,0 +1,169 @@
+"""The offline generator: its own media with known facts, and checkable dialogues about them.
+
+Dialogue ``i`` is built from an RNG seeded by ``(seed, i)``: the output does not depend on how
+Ray splits the work, and 100k dialogues are a few seconds of pure Python spread over actors.
+Its kind cycles through the five kinds and its language alternates every five dialogues, so any
+run of 10 consecutive dialogues holds every kind in both languages. The first ``eval_fraction``
+of dialogues are ``eval`` and use only eval media; media are split by index before any dialogue
+is made, so no eval item ever appears in a train dialogue.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from mmm.schema import DIALOGUES, KINDS, LANGS
+
+from ..runtime import PoolConfig, require
+from . import questions as Q
+from .words import COLOURS, COUNTS, PITCHES, SINGLE_REF, label
+
+SOURCE = "offline"
+VALUES = {"colour": list(COLOURS), "count": list(COUNTS), "pitch": list(PITCHES)}
+HEADER = {"en": {"image": "Image", "audio": "Audio"}, "ms": {"image": "Gambar", "audio": "Audio"}}
+
+
+@dataclass
+class DialogueConfig:
+    num_dialogues: int = 20_000
+    """Enough for the tiny model's 10-minute stage 2 (about 2-3 passes at batch 32)."""
+    eval_fraction: float = 0.1
+    """Share of dialogues (and of media) held out for evaluation."""
+    max_turns: int = 4
+    max_items: int = 3
+    """Most images (multi_image) or clips (multi_audio) in one dialogue."""
+    relation_rate: float = 0.3
+    """Share of turns in multi-item kinds asking a relation (which / same / as many as); these
+    compare two items and learn slowest, so most turns ask about one item."""
+    verify_rate: float = 0.15
+    """Share of single-item questions that state a fact and ask yes/no."""
+    speech_rate: float = 0.3
+    """Share of audio_instruction dialogues about a spoken word, when speech clips exist."""
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=2, batch_size=1000, num_cpus=0.5))
+    """Dialogue-making actors: pure Python, ~0.15 ms a dialogue, so 1000 per call amortises Ray."""
+
+
+def num_eval(n: int, fraction: float) -> int:
+    """Eval dialogues: a multiple of 10 (every kind x language), at least 10 when there are 20+."""
+    if n < 20:
+        return 0
+    return max(10, int(round(n * fraction / 10)) * 10)
+
+
+def _capital(label_text: str) -> str:
+    return label_text[0].upper() + label_text[1:]
+
+
+class OfflineDialogues:
+    """(index) rows -> DIALOGUES rows, from the media pools of each split."""
+
+    NEEDS = ("index",)
+
+    def __init__(self, pools: dict, cfg: DialogueConfig, seed: int):
+        """``pools[split][kind]`` is a list of ``(media_id, facts)``; kind is image/audio/speech."""
+        self.pools, self.cfg, self.seed = pools, cfg, seed
+        self.n_eval = num_eval(cfg.num_dialogues, cfg.eval_fraction)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, self.NEEDS, type(self).__name__)
+        rows = [self.dialogue(i) for i in batch["index"].to_pylist()]
+        return pa.Table.from_pylist(rows, schema=DIALOGUES)
+
+    def dialogue(self, index: int) -> dict:
+        rng = random.Random(f"{self.seed}:dialogue:{index}")
+        kind, lang = KINDS[index % len(KINDS)], LANGS[(index // len(KINDS)) % len(LANGS)]
+        split = "eval" if index < self.n_eval else "train"
+        items = self._pick(kind, self.pools[split], rng)
+        messages, media_ids = self._turns(kind, items, lang, rng)
+        return {
+            "dialogue_id": f"{SOURCE}-s{self.seed}-{index:07d}",
+            "kind": kind,
+            "lang": lang,
+            "media_ids": media_ids,
+            "messages": messages,
+            "split": split,
+            "source": SOURCE,
+        }
+
+    def _pick(self, kind: str, pool: dict, rng: random.Random) -> list[Q.Item]:
+        if kind == "visual_context":
+            chosen = [("image", rng.choice(pool["image"]))]
+        elif kind == "audio_instruction":
+            speech = pool.get("speech") and rng.random() < self.cfg.speech_rate
+            chosen = [("speech", rng.choice(pool["speech"]))] if speech else [("audio", rng.choice(pool["audio"]))]
+        elif kind == "image_audio":
+            chosen = [("image", rng.choice(pool["image"])), ("audio", rng.choice(pool["audio"]))]
+            rng.shuffle(chosen)
+        else:
+            m = "image" if kind == "multi_image" else "audio"
+            n = rng.randint(2, min(self.cfg.max_items, len(pool[m])))
+            chosen = [(m, x) for x in rng.sample(pool[m], n)]
+        return [Q.Item(media_id=mid, kind=k, facts=facts, ref={}) for k, (mid, facts) in chosen]
+
+    def _turns(self, kind: str, items: list[Q.Item], lang: str, rng: random.Random):
+        multi = kind in ("multi_image", "multi_audio")
+        for k, it in enumerate(items, start=1):
+            it.ref = {lg: label(it.modality, k, lg) if multi else SINGLE_REF[lg][it.modality] for lg in LANGS}
+        turns = rng.randint(1, self.cfg.max_turns)
+        staggered = multi and turns >= len(items) and rng.random() < 0.5
+        intro = [[it] for it in items] + [[]] * (turns - len(items)) if staggered else [items] + [[]] * (turns - 1)
+        messages, media_ids, shown, asked = [], [], [], set()
+        for new in intro:
+            shown += new
+            media_ids += [it.media_id for it in new]
+            q, a = self._question(kind, shown, new, lang, rng, asked)
+            messages.append({"role": "user", "content": self._header(new, lang, kind) + q})
+            messages.append({"role": "assistant", "content": a})
+        return messages, media_ids
+
+    @staticmethod
+    def _header(new: list[Q.Item], lang: str, kind: str) -> str:
+        """Spans for the items this turn shows: bare for one item, named when there are several."""
+        spans = [f"<{it.modality}></{it.modality}>" for it in new]
+        if kind in ("visual_context", "audio_instruction"):
+            return "".join(s + "\n" for s in spans)
+        if kind == "image_audio":  # one of each: "Image: ...", "Audio: ..."
+            names = [HEADER[lang][it.modality] for it in new]
+        else:  # "Image 2: ...", "Gambar 2: ..."
+            names = [_capital(it.ref[lang]) for it in new]
+        return "".join(f"{n}: {s}\n" for n, s in zip(names, spans))
+
+    def _question(self, kind, shown, new, lang, rng, asked):
+        """A question not yet asked in this dialogue (up to a few tries), with its answer."""
+        qa = None
+        for _ in range(8):
+            qa = self._candidate(kind, shown, new, lang, rng)
+            if qa and qa[0] not in asked:
+                break
+        asked.add(qa[0])
+        return qa
+
+    def _candidate(self, kind, shown, new, lang, rng):
+        cfg = self.cfg
+        if len(shown) >= 2 and rng.random() < cfg.relation_rate:
+            if kind == "image_audio":
+                image = next(it for it in shown if it.modality == "image")
+                return Q.cross(image, next(it for it in shown if it.modality == "audio"), lang)
+            if rng.random() < 0.5:
+                found = Q.which(shown, lang, rng, [it.ref[lang] for it in shown])
+                if found:
+                    return found
+            return Q.same(shown, lang, rng)
+        item = rng.choice(new if new and len(shown) > len(new) else shown)
+        if rng.random() < cfg.verify_rate:
+            found = Q.verify(item, lang, rng, VALUES)
+            if found:
+                return found
+        return Q.attribute(item, lang, rng)
+
+
+def pools_from_manifest(rows: list[dict]) -> dict:
+    """``pools[split][kind] = [(media_id, facts), ...]`` from MakeMedia's manifest rows (+ split)."""
+    pools: dict = {"train": {}, "eval": {}}
+    for r in sorted(rows, key=lambda r: (r["kind"], r["index"])):
+        pools[r["split"]].setdefault(r["kind"], []).append((r["media_id"], json.loads(r["facts"])))
+    return pools

@@ -1,0 +1,92 @@
+"""Checkable questions about media with known facts, in English or Malay.
+
+Each function returns ``(question, answer)`` or None when no unambiguous question of that type
+exists (e.g. "which image has red shapes?" when two images are red). Answers are short and
+exact: the evaluation job scores them by exact match.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .words import ATTRIBUTE, CROSS, SAME, SPEECH, VERIFY, WHICH, template, things, word
+
+YES, NO = "yes", "no"
+
+
+@dataclass
+class Item:
+    """One media item in a dialogue: its id, kind (image/audio/speech), facts and how text names it."""
+
+    media_id: str
+    kind: str
+    facts: dict
+    ref: dict  # lang -> "image 2" / "the image"
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.kind == "image" else "audio"
+
+
+def _value(attr: str, facts: dict, lang: str) -> str:
+    v = facts[attr]
+    return str(v) if attr == "count" else word(v, lang)
+
+
+def attribute(item: Item, lang: str, rng: random.Random):
+    """"What colour are the shapes in image 2?" -> "red"."""
+    if item.kind == "speech":
+        return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["word"]
+    attr = rng.choice(sorted(ATTRIBUTE[item.kind]))
+    q = template(ATTRIBUTE[item.kind][attr], lang).format(ref=item.ref[lang])
+    return q, _value(attr, item.facts, lang)
+
+
+def verify(item: Item, lang: str, rng: random.Random, pools: dict):
+    """"Are there 2 beeps in audio 1?" -> "yes"/"ya" (half the time the claim is false)."""
+    if item.kind == "speech":
+        return None
+    attr = rng.choice(sorted(VERIFY[item.kind]))
+    truth = item.facts[attr]
+    claim = truth if rng.random() < 0.5 else rng.choice([v for v in pools[attr] if v != truth])
+    value = things(item.kind, claim, lang) if attr == "count" else word(claim, lang)
+    q = template(VERIFY[item.kind][attr], lang).format(ref=item.ref[lang], value=value)
+    return q, word(YES if claim == truth else NO, lang)
+
+
+def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
+    """"Which image has red shapes?" -> "image 2", only when exactly one item matches."""
+    kind = items[0].kind
+    attrs = sorted(WHICH[kind])
+    rng.shuffle(attrs)
+    for attr in attrs:
+        values = [it.facts[attr] for it in items]
+        unique = [v for v in values if values.count(v) == 1]
+        if unique:
+            v = rng.choice(unique)
+            value = things(kind, v, lang) if attr == "count" else word(v, lang)
+            return template(WHICH[kind][attr], lang).format(value=value), labels[values.index(v)]
+    return None
+
+
+def same(items: list[Item], lang: str, rng: random.Random):
+    """"Do image 1 and image 3 have the same colour?" -> "no"/"tidak".
+
+    The pair is chosen so that "yes" and "no" are equally likely where both are possible:
+    random pairs mostly differ, and a model would learn to answer "no" without looking.
+    """
+    attr = rng.choice(sorted(SAME[items[0].kind]))
+    pairs = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items))]
+    matching = [p for p in pairs if items[p[0]].facts[attr] == items[p[1]].facts[attr]]
+    differing = [p for p in pairs if p not in matching]
+    i, j = rng.choice(matching if matching and (not differing or rng.random() < 0.5) else differing)
+    a, b = items[i], items[j]
+    q = template(SAME[a.kind][attr], lang).format(a=a.ref[lang], b=b.ref[lang])
+    return q, word(YES if a.facts[attr] == b.facts[attr] else NO, lang)
+
+
+def cross(image: Item, audio: Item, lang: str):
+    """"Are there as many shapes in the image as beeps in the audio?" -> "yes"."""
+    q = template(CROSS, lang).format(image=image.ref[lang], audio=audio.ref[lang])
+    return q, word(YES if image.facts["count"] == audio.facts["count"] else NO, lang)

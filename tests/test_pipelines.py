@@ -1,0 +1,219 @@
+"""Ray Data pipelines on a local 4-logical-CPU Ray: synthesis, ingest, the feature store, S3.
+
+One module-scoped Ray and one synthesized root (12 pictures, 8 beep clips, 60 dialogues) shared
+by the tests below; the jobs run through their real entry points (``main(argv)``), in process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mmm.config import SAMPLE_RATE, preset
+from mmm.schema import AUDIO, DIALOGUES, ERRORS, IMAGE, KINDS, LANGS, MEDIA, check_columns
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs import features as features_job  # noqa: E402
+from jobs import synthesize as synth_job  # noqa: E402
+from pipelines.storage import StorageConfig  # noqa: E402
+from pipelines.store import FeatureStore  # noqa: E402
+
+QUIET = ["ray.progress=false"]
+SMALL_SYNTH = ["offline.num_images=12", "offline.num_audio=8", "dialogues.num_dialogues=60",
+               "dialogues.pool.concurrency=1", "dialogues.pool.batch_size=20", "offline.pool.concurrency=1"]
+# One encoder actor on a 2-core box; parts of 8 rows so the store holds several.
+SMALL_FEATURES = ["encode.concurrency=1", "encode.batch_size=8", "write.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def root(ray_local, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    summary = synth_job.main([f"out={root}", *SMALL_SYNTH, *QUIET])
+    assert summary["dialogues"] == 60
+    return root
+
+
+@pytest.fixture(scope="module")
+def featured(root) -> dict:
+    """Features over a JSONL manifest: the 20 generated items, a corrupt PNG and a missing file."""
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)
+    rows = pq.read_table(root / "manifest.parquet").select(["uri", "caption", "transcript", "lang"]).to_pylist()
+    rows += [{"uri": "bad/corrupt.png"}, {"uri": "bad/missing.wav"}]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return features_job.main([f"source={manifest}", f"out={root}", *SMALL_FEATURES, *QUIET])
+
+
+def _store(root) -> FeatureStore:
+    return FeatureStore(str(root / "features"), StorageConfig())
+
+
+def _parts(root) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (root / "features").glob("part-*.parquet")}
+
+
+def test_feature_shapes_match_the_encoders(root, featured, tiny_model):
+    cfg = preset("tiny")
+    media = pq.read_table(root / "media.parquet")
+    check_columns(media, MEDIA, "media.parquet")
+    feats = _store(root).load()
+    assert featured["encoded"] == {IMAGE: 12, AUDIO: 8} and len(feats) == 20
+    patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    for row in {r["media_id"]: r for r in media.to_pylist()}.values():
+        f = feats[row["media_id"]]
+        if row["modality"] == IMAGE:
+            assert f.shape == (patches, cfg.vision.hidden_size)
+        else:
+            frames = math.ceil(round(row["duration_s"] * SAMPLE_RATE) * 50 / SAMPLE_RATE)
+            assert f.shape == (frames, cfg.audio.d_model)
+    # The stored (half precision) tensor is what the frozen encoder computes for that file.
+    from mmm.media import decode_image
+
+    first = next(r for r in media.to_pylist() if r["modality"] == IMAGE)
+    direct = tiny_model.encode_media(IMAGE, [decode_image(Path(first["uri"]).read_bytes())])[0].numpy()
+    assert abs(direct - feats[first["media_id"]]).max() < 1e-2 * max(1.0, abs(direct).max())
+
+
+def test_corrupt_and_missing_files_land_in_errors_and_the_rest_is_written(root, featured):
+    errors = pq.read_table(root / "errors.parquet")
+    check_columns(errors, ERRORS, "errors.parquet")
+    by_uri = {Path(r["uri"]).name: r for r in errors.to_pylist()}
+    assert set(by_uri) == {"corrupt.png", "missing.wav"}
+    assert by_uri["corrupt.png"]["stage"] == "decode" and "image" in by_uri["corrupt.png"]["reason"]
+    assert by_uri["missing.wav"]["stage"] == "read" and by_uri["missing.wav"]["reason"]
+    media = pq.read_table(root / "media.parquet")
+    assert len(set(media["media_id"].to_pylist())) == 20 and featured["errors"] == 2
+    # train items once per language with a caption (stage 1 pairs); eval items without text
+    captioned = media.filter(media["caption"].is_valid())
+    assert set(captioned["lang"].to_pylist()) == {"en", "ms"}
+
+
+def test_rerun_writes_nothing_new(root, featured):
+    before = _parts(root)
+    assert len(before) >= 2
+    # Same bytes reached through another source (the media folder): every id is already stored.
+    summary = features_job.main([f"source={root / 'media'}", f"out={root}", *SMALL_FEATURES, *QUIET])
+    assert summary["encoded"] == {IMAGE: 0, AUDIO: 0} and summary["skipped"] == 20 and summary["parts_written"] == 0
+    assert _parts(root) == before
+
+
+def test_a_crashed_run_leaves_a_readable_store_and_the_rerun_completes_it(root, featured):
+    parts = sorted((root / "features").glob("part-*.parquet"))
+    lost = pq.read_table(parts[0])["media_id"].to_pylist()
+    parts[0].unlink()  # the batch in flight when the run died: never committed
+    tmp = root / "features" / "_tmp"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "part-half.parquet.123").write_bytes(b"PAR1 half a file")  # an interrupted write
+    store = _store(root)
+    assert len(store.load()) == 20 - len(lost)  # readable: the half file is ignored
+    summary = features_job.main([f"source={root / 'manifest.jsonl'}", f"out={root}", *SMALL_FEATURES, *QUIET])
+    assert sum(summary["encoded"].values()) == len(lost) and summary["skipped"] == 20 - len(lost)
+    assert len(store.table()) == len(store.index()) == 20  # complete, no duplicates
+
+
+def _dialogues(root) -> list[dict]:
+    table = pq.read_table(root / "dialogues")
+    check_columns(table, DIALOGUES, "dialogues")
+    return table.to_pylist()
+
+
+def test_dialogues_cover_five_kinds_two_languages_and_eval_media_never_in_train(root):
+    rows = _dialogues(root)
+    for split in ("train", "eval"):
+        assert {(r["kind"], r["lang"]) for r in rows if r["split"] == split} == {(k, lg) for k in KINDS for lg in LANGS}
+    train = {m for r in rows if r["split"] == "train" for m in r["media_ids"]}
+    evals = {m for r in rows if r["split"] == "eval" for m in r["media_ids"]}
+    assert evals and not evals & train
+    manifest = pq.read_table(root / "manifest.parquet").to_pylist()
+    assert all(r["caption"] is None for r in manifest if r["media_id"] in evals)  # stage 1 never sees eval
+    for r in rows:
+        assert 1 <= len(r["messages"]) // 2 <= 4 and r["source"] == "offline"
+        answers = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert all(1 <= len(a.split()) <= 2 for a in answers), answers
+    assert any("image 2" in m["content"] or "gambar 2" in m["content"] for r in rows for m in r["messages"][2:])
+
+
+def test_dialogues_render_with_the_core_renderer(root, featured, tiny_model):
+    feats = _store(root).load()
+    import torch
+
+    for r in _dialogues(root):
+        rendered = tiny_model.render(r["messages"], [torch.from_numpy(feats[m]) for m in r["media_ids"]])
+        assert len(rendered.input_ids) <= tiny_model.config.llm.max_context
+        assert any(label != -100 for label in rendered.labels)
+
+
+def test_offline_generation_is_deterministic_for_a_seed():
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import DialogueConfig, OfflineDialogues
+
+    assert make_item(3, IMAGE, 5) == make_item(3, IMAGE, 5) and make_item(3, AUDIO, 1) == make_item(3, AUDIO, 1)
+    assert make_item(3, IMAGE, 5)[0] != make_item(4, IMAGE, 5)[0]
+    pool = {k: [(f"{k}{i}", make_item(0, k, i)[1]) for i in range(6)] for k in (IMAGE, AUDIO)}
+    gen = OfflineDialogues({"train": pool, "eval": pool}, DialogueConfig(num_dialogues=100), seed=7)
+    assert [gen.dialogue(i) for i in range(30)] == [gen.dialogue(i) for i in range(30)]
+
+
+def test_jobs_help_and_bad_keys():
+    out = subprocess.run([sys.executable, "jobs/features.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "encode.num_gpus" in out.stdout and "Usage:" in out.stdout
+    with pytest.raises(SystemExit):
+        synth_job.main(["dialogues.nope=1"])
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    storage = StorageConfig(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
+    import boto3  # moto's own dependency; s3fs would send a LocationConstraint moto refuses for us-east-1
+
+    boto3.client("s3", endpoint_url=storage.endpoint_url, aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="mmm-test")
+    yield storage
+    server.stop()
+
+
+def test_s3_round_trip_ingest_features_synthesis(ray_local, s3):
+    from pipelines.ingest import read_source
+
+    creds = [f"storage.endpoint_url={s3.endpoint_url}", "storage.key=testing", "storage.secret=testing"]
+    root = "s3://mmm-test/run"
+    small = ["offline.num_images=6", "offline.num_audio=6", "dialogues.num_dialogues=20",
+             "dialogues.pool.concurrency=1", "offline.pool.concurrency=1"]
+    synth_job.main([f"out={root}", *small, *creds, *QUIET])
+    assert len(read_source(f"{root}/media/", s3)) == 12  # an s3:// prefix lists as a source too
+    summary = features_job.main([f"source={root}/manifest.parquet", f"out={root}", *SMALL_FEATURES, *creds, *QUIET])
+    assert summary["encoded"] == {IMAGE: 6, AUDIO: 6} and summary["errors"] == 0
+    llm = synth_job.main(["generator=llm", f"out={root}/llm", f"llm.media={root}/media.parquet", "llm.max_new_tokens=4",
+                          "dialogues.num_dialogues=10", "llm.pool.batch_size=5", *creds, *QUIET])
+    assert llm["dialogues"] == 10
+    fs, _ = s3.filesystem(root)
+    dialogues = pq.read_table("mmm-test/run/llm/dialogues", filesystem=fs).to_pylist()
+    stored = set(FeatureStore(f"{root}/features", s3).index()["media_id"].to_pylist())
+    for r in dialogues:
+        spans = sum(m["content"].count("<image></image>") + m["content"].count("<audio></audio>") for m in r["messages"])
+        assert r["source"] == "llm" and spans == len(r["media_ids"]) and set(r["media_ids"]) <= stored
+        assert [m["role"] for m in r["messages"]][:2] == ["user", "assistant"]
