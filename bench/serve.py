@@ -1,14 +1,16 @@
 """Serving benchmark: the feature cache and request batching, measured through the real app.
 
-    .venv/bin/python bench/serve.py [--images 6] [--clips 6] [--clip-seconds 10] [--clients 16] [--rounds 2]
+    .venv/bin/python bench/serve.py [--images 6] [--clips 6] [--clients 16] [--reply-tokens 32] ...
 
 Starts a private Ray cluster and Serve on 127.0.0.1 with two copies of the app (tiny preset):
 ``/on`` with the encoder-feature cache, ``/off`` without. Then prints, side by side:
 
-1. latency of a follow-up turn that re-sends K media (real photos, 10 s voice-note-like MP3 clips;
-   each clip is still one full 30 s Whisper window to encode) with the cache on
-   vs off (the first turn primes the cache; each follow-up asks a new question);
-2. throughput of N clients sending at once vs the same requests one at a time (``/on``).
+1. latency of a follow-up turn that re-sends K media (6 real photos at 3 MP as JPEG, 6 voice-note-like
+   10 s MP3 clips at 44.1 kHz stereo) with the cache on vs off (the first turn primes the cache;
+   each follow-up asks a new question). A miss costs decoding, resampling, resizing and encoding;
+   a hit costs a sha256 of the bytes;
+2. throughput of N clients sending at once vs the same requests one at a time (``/on``, a 512 px
+   photo and a question each, 32-token replies).
 
 The last line is a JSON object with ``cache_speedup`` and ``concurrency_speedup``.
 """
@@ -36,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=6, help="photos re-sent in the follow-up turn")
+    p.add_argument("--photo-size", default="2048x1536", help="WxH of those photos (3 MP: what messaging apps send)")
     p.add_argument("--clips", type=int, default=6, help="voice clips re-sent in the follow-up turn")
     p.add_argument("--clip-seconds", type=float, default=10.0,
                    help="length of each clip: 125 tokens per 10 s, and the tiny context is 1024 tokens")
@@ -43,19 +46,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--rounds", type=int, default=3, help="requests per client in the concurrency test")
     p.add_argument("--trials", type=int, default=2, help="sequential/concurrent pairs, alternated (median)")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16, help="reply length in the cache test")
+    p.add_argument("--reply-tokens", type=int, default=32, help="reply length in the concurrency test")
     return p.parse_args()
 
 
 # ---- media ------------------------------------------------------------------------------
-def photo_parts(n: int) -> list[dict]:
+def photo_parts(n: int, size: tuple[int, int] = (512, 512)) -> list[dict]:
+    """Real photos (scikit-image's), scaled to ``size`` as a phone or messaging app would send them."""
     from PIL import Image
     from skimage import data
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry"]
     parts = []
     for i in range(n):
-        img = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB")
+        img = Image.fromarray(getattr(data, names[i % len(names)])()).convert("RGB").resize(size, Image.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90 - i)  # distinct bytes even when a photo repeats
         parts.append({"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
@@ -150,7 +155,8 @@ def main() -> None:
         mk = lambda prefix: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{prefix}/v1", api_key="-",  # noqa: E731
                                           max_retries=0, timeout=600)
         on, off = mk("on"), mk("off")
-        media = photo_parts(args.images) + clip_parts(args.clips, args.clip_seconds)
+        size = tuple(int(x) for x in args.photo_size.split("x"))
+        media = photo_parts(args.images, size) + clip_parts(args.clips, args.clip_seconds)
         warm = [{"role": "user", "content": "hello"}]
         for c in (on, off):
             chat(c, warm, 2)
@@ -161,12 +167,12 @@ def main() -> None:
         photos = photo_parts(4)
         reqs = [[{"role": "user", "content": [{"type": "text", "text": f"Client {i}: what is in the picture?"},
                                               photos[i % 4]]}] for i in range(args.clients * args.rounds)]
-        throughput(on, reqs[: args.clients], args.clients, args.max_tokens)  # warm: caches the 4 photos
+        throughput(on, reqs[: args.clients], args.clients, args.reply_tokens)  # warm: caches the 4 photos
         seqs, pars = [], []
         for _ in range(args.trials):
-            seqs.append(throughput(on, reqs, 1, args.max_tokens))
+            seqs.append(throughput(on, reqs, 1, args.reply_tokens))
             before = stats("on")
-            pars.append(throughput(on, reqs, args.clients, args.max_tokens))
+            pars.append(throughput(on, reqs, args.clients, args.reply_tokens))
             after = stats("on")
         seq, par = statistics.median(seqs), statistics.median(pars)
         steps = after["steps"] - before["steps"]

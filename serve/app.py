@@ -13,6 +13,7 @@ concurrent requests with ``@serve.batch`` and caches encoder features). Routes:
 
 import asyncio
 import hmac
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -45,7 +46,9 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 class ChatModel:
     """Encoders + LM of one replica. ``@serve.batch`` hands concurrent requests over as one list."""
 
-    def __init__(self, args: dict, checkpoint: str | None, device: str) -> None:
+    def __init__(self, args: dict, checkpoint: str | None) -> None:
+        import ray
+
         from .cache import FeatureCache
         from .engine import load_engine
         from .service import ChatService
@@ -53,6 +56,8 @@ class ChatModel:
         from .scheduler import Scheduler
 
         cfg = ServeArgs.model_validate(args)
+        # The GPU follows the resources Ray gave this replica (the deploy YAML may add num_gpus).
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
         engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device)
         self.service = ChatService(engine, FeatureCache(cfg.cache_bytes), cfg.limits())
         self.scheduler = Scheduler(self.service, cfg.max_batch_size)
@@ -84,6 +89,7 @@ class ChatModel:
 class ChatIngress:
     def __init__(self, model: DeploymentHandle, api_key: str | None, limits: RequestLimits) -> None:
         self.model, self.api_key, self.limits = model, api_key, limits
+        self._chat = model.options(stream=True).chat  # every event of a request as it happens
         self._info: dict | None = None
 
     async def _model_info(self) -> dict:
@@ -121,7 +127,7 @@ class ChatIngress:
         model_id = (await self._model_info())["id"]
         req = await asyncio.to_thread(parse_request, body, self.limits, model_id)  # base64 of MBs: off the loop
         await self._fetch_remote(req)
-        events = self.model.options(stream=True).chat.remote(req)
+        events = self._chat.remote(req)
         first = await events.__anext__()
         if "error" in first:
             raise first["error"]
@@ -169,11 +175,13 @@ def _cuda_available() -> bool:
 
 
 def _start_http(host: str, port: int) -> None:
-    """Start Serve's proxy on host:port, unless Serve is already running (then its port stays)."""
+    """Start Serve's proxy on host:port, unless Serve is already running (then its port stays).
+    ``serve run`` calls the builder before it connects to Ray, so this connects first: to
+    RAY_ADDRESS if set, else a fresh local cluster (never one found lying around)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(namespace="serve")
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), namespace="serve")
     serve.start(http_options={"host": host, "port": port})
 
 
@@ -191,13 +199,13 @@ def build(args: ServeArgs) -> Application:
         # @serve.batch only ever sees the requests a replica holds: allow two full batches.
         max_ongoing_requests=2 * args.max_batch_size,
         ray_actor_options={"num_cpus": args.model_num_cpus, "num_gpus": 1 if use_gpu else 0},
-    ).bind(args.model_dump(), resolve_checkpoint(args.checkpoint, args.search_dir), "cuda" if use_gpu else "cpu")
+    ).bind(args.model_dump(), resolve_checkpoint(args.checkpoint, args.search_dir))
     ingress = ChatIngress.options(
         autoscaling_config={"min_replicas": 1, "max_replicas": max(1, args.max_replicas),
                             "target_ongoing_requests": 4 * args.target_ongoing_requests},
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
     )
-    return ingress.bind(model, args.api_key, args.limits())
+    return ingress.bind(model, args.api_key or os.environ.get("MMM_API_KEY") or None, args.limits())
 
 
 mmm = build(ServeArgs())

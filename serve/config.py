@@ -52,7 +52,7 @@ class ServeArgs(BaseModel):
     model_name: str | None = None
     """Id reported by /v1/models and expected in requests; None: ``mmm-<phase>``."""
     api_key: str | None = None
-    """When set, every /v1 route requires ``Authorization: Bearer <api_key>``."""
+    """When set (or MMM_API_KEY is), every /v1 route requires ``Authorization: Bearer <api_key>``."""
     host: str = "127.0.0.1"
     """HTTP host used only when this builder starts Serve itself (``port`` given)."""
     port: int | None = None
@@ -71,7 +71,8 @@ class ServeArgs(BaseModel):
     """How long a lone request waits for company: every request pays it when traffic is light, and
     clients of a finished batch send their next requests within a few ms of each other."""
     use_gpu: bool | None = None
-    """Ask Ray for one GPU per model replica; None: when torch sees CUDA where the app is built."""
+    """Ask Ray for one GPU per model replica; None: when torch sees CUDA where the app is built. The
+    replica runs on the GPU exactly when Ray gave it one (so a deploy YAML's num_gpus decides)."""
     model_num_cpus: float = 1.0
     """CPUs per model replica (fractions let tests fit on 2 cores)."""
     ingress_num_cpus: float = 0.25

@@ -325,3 +325,37 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     sizes = decoders[0].sizes
     assert max(sizes) == 3 and sizes[-1] == 1  # later groups joined the first row, then left it
     assert service.stats()["max_batch"] == 3
+
+
+def test_app_builder_args_checkpoint_discovery_and_deploy_yaml(tmp_path):
+    import os
+
+    import yaml
+    from pydantic import ValidationError
+
+    from serve.app import build
+    from serve.config import ServeArgs
+    from serve.engine import newest_checkpoint, resolve_checkpoint
+
+    assert newest_checkpoint(str(tmp_path)) is None
+    for i, sub in enumerate(["stage1/final", "stage2/final", "stage2/partial"]):
+        (tmp_path / sub).mkdir(parents=True)
+        if sub != "stage2/partial":  # an interrupted save has no mmm.json
+            (tmp_path / sub / "mmm.json").write_text("{}")
+            os.utime(tmp_path / sub / "mmm.json", (1000 + i, 1000 + i))
+    assert resolve_checkpoint(None, str(tmp_path)) == str(tmp_path / "stage2/final")
+    assert resolve_checkpoint("s3://bucket/ckpt", str(tmp_path)) == "s3://bucket/ckpt"
+
+    # `serve run serve.app:build key=value` hands the builder strings; pydantic types them
+    app = build({"checkpoint": str(tmp_path / "stage1/final"), "api_key": "k", "use_gpu": "false",
+                 "max_replicas": "3"})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValidationError):
+        ServeArgs.model_validate({"chekpoint": "typo"})
+
+    spec = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "serve", "deploy.yaml")))
+    deployments = {d["name"]: d for d in spec["applications"][0]["deployments"]}
+    assert set(deployments) == {"ChatModel", "ChatIngress"}
+    assert deployments["ChatModel"]["ray_actor_options"]["num_gpus"] == 1
+    assert all("autoscaling_config" in d for d in deployments.values())
+    assert spec["http_options"]["host"] == "127.0.0.1"
