@@ -42,6 +42,13 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return JSONResponse(APIError(exc.status_code, str(exc.detail), None, "not_found").body(), exc.status_code)
 
 
+@api.exception_handler(Exception)
+async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Only our own bugs get here (bad input is always an APIError): a 500 in the same shape.
+    err = APIError(500, f"internal error ({type(exc).__name__}); see the server log", None, "internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
 @serve.deployment(max_ongoing_requests=32)
 class ChatModel:
     """Encoders + LM of one replica. ``@serve.batch`` hands concurrent requests over as one list."""

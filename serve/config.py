@@ -18,8 +18,9 @@ class RequestLimits:
 
     max_body_bytes: int = 64 * MiB
     """Whole JSON body. Base64 inflates by 4/3: room for ~16 photos or ~8 min of 16 kHz WAV."""
-    max_media: int = 16
-    """Images + audio clips in one request (over all turns): bounds encoder work per request."""
+    max_media: int = 32
+    """Images + audio clips in one request, counted over all turns (clients re-send the history):
+    bounds decoding and encoder work per request."""
     allow_remote: bool = False
     """http(s) image URLs make the server fetch on a client's behalf (SSRF); off unless asked for."""
     remote_hosts: tuple[str, ...] = ()

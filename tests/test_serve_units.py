@@ -359,3 +359,48 @@ def test_app_builder_args_checkpoint_discovery_and_deploy_yaml(tmp_path):
     assert deployments["ChatModel"]["ray_actor_options"]["num_gpus"] == 1
     assert all("autoscaling_config" in d for d in deployments.values())
     assert spec["http_options"]["host"] == "127.0.0.1"
+
+
+def test_fetch_connects_to_the_checked_address(monkeypatch):
+    """The allow-listed name is resolved once and the connection goes to that address (no second
+    lookup to rebind); the download is size-capped; redirects are refused."""
+    import http.server
+
+    import serve.urls as urls
+
+    png = base64.b64decode(png_b64())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/")
+                self.end_headers()
+                return
+            assert self.headers["Host"].startswith("images.example.com")
+            body = png if self.path == "/a.png" else b"x" * 5000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(urls, "_public", lambda ip: True)  # let the test server stand in for a public host
+        resolver = lambda host, p, type=0: [(2, 1, 6, "", ("127.0.0.1", p))]  # noqa: E731
+        limits = RequestLimits(allow_remote=True, remote_hosts=("images.example.com",), max_remote_bytes=4000)
+        url = f"http://images.example.com:{port}"
+        assert fetch_image(f"{url}/a.png", limits, "p", resolver) == png
+        with pytest.raises(APIError) as e:
+            fetch_image(f"{url}/big", limits, "p", resolver)
+        assert e.value.status == 413
+        with pytest.raises(APIError) as e:
+            fetch_image(f"{url}/moved", limits, "p", resolver)
+        assert e.value.code == "image_fetch_failed"
+    finally:
+        server.shutdown()
