@@ -89,3 +89,30 @@ def model_inputs(batch: dict) -> dict:
     """The keys ``MMMModel.forward`` takes."""
     keys = ("input_ids", "labels", "position_ids", "attention_mask", "image_features", "audio_features")
     return {k: batch[k] for k in keys if k in batch}
+
+
+def pack_stream(samples, context_length: int, rows_per_batch: int, pad_id: int = 0):
+    """Packed batches from a stream of samples, carrying leftovers over so rows stay full.
+
+    Samples are buffered until they hold a batch's worth of tokens with some slack; the buffer is
+    packed first-fit-decreasing, the ``rows_per_batch`` fullest rows are emitted and the samples of
+    the others wait for the next batch. Pad waste is then a few percent, not the half-empty last
+    row that packing each fixed batch of samples on its own leaves. The stream's tail is flushed.
+    """
+    buffer: list[dict] = []
+    target = int(rows_per_batch * context_length * 1.25)
+    for sample in samples:
+        buffer.append(sample)
+        if sum(len(s["input_ids"]) for s in buffer) >= target:
+            batch, buffer = _fullest_rows(buffer, context_length, rows_per_batch)
+            yield collate_packed(batch, context_length, pad_id)
+    while buffer:
+        batch, buffer = _fullest_rows(buffer, context_length, rows_per_batch)
+        yield collate_packed(batch, context_length, pad_id)
+
+
+def _fullest_rows(buffer: list[dict], capacity: int, count: int) -> tuple[list[dict], list[dict]]:
+    rows = plan_bins([len(s["input_ids"]) for s in buffer], capacity)
+    rows.sort(key=lambda row: -sum(len(buffer[i]["input_ids"]) for i in row))
+    chosen = {i for row in rows[:count] for i in row}
+    return [s for i, s in enumerate(buffer) if i in chosen], [s for i, s in enumerate(buffer) if i not in chosen]

@@ -65,3 +65,19 @@ def test_plan_bins_first_fit_decreasing():
         assert "9 tokens" in str(e)
     else:
         raise AssertionError("an over-long sample must be refused")
+
+
+def test_pack_stream_keeps_rows_full():
+    import random
+
+    from mmm.packing import pack_stream
+
+    rng = random.Random(0)
+    samples = [{"input_ids": [1] * n, "labels": [1] * n, "image_features": [], "audio_features": []}
+               for n in (rng.randint(20, 200) for _ in range(400))]
+    batches = list(pack_stream(iter(samples), context_length=256, rows_per_batch=4))
+    assert sum(b["num_tokens"] for b in batches) == sum(len(s["input_ids"]) for s in samples)
+    full = batches[:-2]  # the flushed tail may be short
+    waste = 1 - sum(b["num_tokens"] for b in full) / sum(b["input_ids"].numel() for b in full)
+    assert waste < 0.05, f"pad waste {waste:.1%}"
+    assert all(b["input_ids"].shape[0] <= 4 for b in batches)
