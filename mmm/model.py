@@ -69,8 +69,12 @@ class MMMModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str, expect_phase: str | tuple[str, ...] | None = None) -> "MMMModel":
-        return checkpoint.load(cls, path, expect_phase)
+    def from_pretrained(
+        cls, path: str, expect_phase: str | tuple[str, ...] | None = None, dtype: torch.dtype | None = None
+    ) -> "MMMModel":
+        """Load a checkpoint; ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model."""
+        model = checkpoint.load(cls, path, expect_phase)
+        return model.to(dtype) if dtype is not None else model
 
     def save_pretrained(self, path: str, phase: str | None = None) -> None:
         checkpoint.save(self, path, phase or self.phase)
