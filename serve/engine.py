@@ -107,7 +107,11 @@ def load_engine(checkpoint: str | None, preset: str, model_id: str | None, devic
 
     if checkpoint:
         log.info("loading checkpoint %s", checkpoint)
-        model = MMMModel.from_pretrained(checkpoint)
+        import torch
+
+        # bf16 halves memory and runs on tensor cores; CPUs keep fp32 (slow bf16 kernels there)
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+        model = MMMModel.from_pretrained(checkpoint, dtype=dtype)
     else:
         log.info("no checkpoint: serving the untrained %r preset", preset)
         model = MMMModel.build(make_preset(preset))
