@@ -1,7 +1,8 @@
 """Feature extraction throughput, side by side on the same encoders and the same files:
 
 - pipeline: the Ray Data features pipeline (read + sha256 + validate -> encoder actors -> Parquet parts);
-- bare:     one process, read + decode + batched ``encode`` (torch on every core): the machine's limit;
+- bare:     one process, read + decode + batched ``encode`` (torch threads: the faster of 1 and
+            every core, measured first): the machine's limit for one process;
 - naive:    one process, read + decode + ``encode([item])`` one item at a time (processor + model per item).
 
 Usage:
@@ -63,25 +64,43 @@ def rates(marks: list[tuple[float, int]], start: float) -> dict:
 
 
 def _encoder(modality: str):
-    import torch
-
     from mmm.encoders import build_encoders
 
-    torch.set_num_threads(os.cpu_count() or 1)
     vision, audio = build_encoders(preset("tiny"))
     decode = decode_image if modality == IMAGE else decode_audio
     return (vision if modality == IMAGE else audio), decode
 
 
-def bare(paths: list[Path], modality: str, batch: int) -> dict:
-    encoder, decode = _encoder(modality)
-    start, marks = time.time(), []
+def _loop(encoder, decode, paths: list[Path], batch: int) -> list[tuple[float, int]]:
+    marks = []
     for i in range(0, len(paths), batch):
         items = [decode(p.read_bytes()) for p in paths[i : i + batch]]
         feats = encoder.encode(items)
         _ = [f.half().numpy().tobytes() for f in feats]  # what storing costs at least: fp16 bytes
         marks.append((time.time(), len(items)))
-    return rates(marks, start)
+    return marks
+
+
+def best_threads(paths: list[Path], modality: str, batch: int) -> int:
+    """torch threads for the single-process loops: all cores, or 1 when that is faster (on a
+    busy machine OpenMP's spinning threads can lose badly to one thread)."""
+    import torch
+
+    encoder, decode = _encoder(modality)
+    sample, timings = paths[: 4 * batch], {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        _loop(encoder, decode, sample[:batch], batch)  # warm-up
+        start = time.time()
+        _loop(encoder, decode, sample, batch)
+        timings[threads] = time.time() - start
+    return min(timings, key=timings.get)
+
+
+def bare(paths: list[Path], modality: str, batch: int) -> dict:
+    encoder, decode = _encoder(modality)
+    start = time.time()
+    return rates(_loop(encoder, decode, paths, batch), start)
 
 
 def naive(paths: list[Path], modality: str) -> dict:
@@ -129,6 +148,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import ray
+    import torch
 
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mmm-bench-") as tmp:
@@ -139,7 +159,8 @@ def main(argv=None) -> dict:
                 trial = {"pipeline": pipeline(paths, Path(tmp) / f"out-{run}", args.batch_size, args.actors)}
             finally:
                 ray.shutdown()
-            trial["bare"] = bare(paths, args.modality, args.batch_size)
+            torch.set_num_threads(threads := best_threads(paths, args.modality, args.batch_size))
+            trial["bare"] = bare(paths, args.modality, args.batch_size) | {"threads": threads}
             trial["naive"] = naive(paths[: args.naive_items], args.modality)
             for name, r in trial.items():
                 print(f"run {run} {name:9s} {r['items_per_s']:9.1f} items/s", flush=True)
@@ -151,7 +172,7 @@ def main(argv=None) -> dict:
               f"end-to-end {r['end_to_end_items_per_s']} items/s)")
     summary = {
         "modality": args.modality, "items": args.items, "batch_size": args.batch_size, "actors": args.actors,
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "loop_threads": results["bare"]["threads"],
         **{f"{k}_items_per_s": v["items_per_s"] for k, v in results.items()},
         "pipeline_end_to_end_items_per_s": results["pipeline"]["end_to_end_items_per_s"],
         "ratio_vs_bare": round(results["pipeline"]["items_per_s"] / results["bare"]["items_per_s"], 3),

@@ -153,7 +153,8 @@ def build_pipeline(cfg: FeaturesConfig, uris: pa.Table, model: ModelConfig):
     import ray
 
     store_uri = join(cfg.out, FEATURES_DIR)
-    step = max(1, cfg.ingest.batch_size)
+    # Small inputs are cut finer, so every encoder actor gets a share of a short run.
+    step = max(1, min(cfg.ingest.batch_size, -(-len(uris) // (2 * cfg.encode.concurrency))))
     blocks = [uris.slice(i, step) for i in range(0, len(uris), step)] or [uris]
     common = {"batch_format": "pyarrow", "zero_copy_batch": True}
     ds = ray.data.from_arrow(blocks)

@@ -13,10 +13,12 @@ import importlib.util
 def load_backend(name: str, use_vllm: bool = True):
     import torch
 
-    from mmm.config import PRESETS
+    from mmm.config import PRESETS, preset
 
-    if use_vllm and name not in PRESETS and torch.cuda.is_available() and importlib.util.find_spec("vllm"):
-        return VLLMBackend(name)
+    # A real preset names its LM checkpoint; vLLM can serve that. The tiny one exists only in mmm.
+    path = preset(name).llm.pretrained if name in PRESETS else name
+    if use_vllm and path and torch.cuda.is_available() and importlib.util.find_spec("vllm"):
+        return VLLMBackend(path)
     return HFBackend(name)
 
 
@@ -50,6 +52,7 @@ class HFBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"  # a long chat loses its oldest turns, never the prompt
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
 
