@@ -2,7 +2,8 @@
 
 Every pipeline stage, job and test names columns through this module. Tables:
 
-- ``media``: one row per unique media item (``media_id`` is the sha256 of its bytes).
+- ``media``: one row per media item and caption language (``media_id`` is the sha256 of its
+  bytes; an item captioned in English and Malay has two rows, one per ``lang``).
 - ``errors``: items that failed a stage, with the reason; the rest of a run is still written.
 - ``features``: frozen-encoder outputs, half precision, keyed by ``media_id`` + ``encoder``.
 - ``dialogues``: multi-turn conversations whose text marks media with empty
