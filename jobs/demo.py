@@ -1,77 +1,161 @@
-"""The whole chain on the tiny preset, on one machine, in minutes.
+"""The whole chain on the tiny preset, on one machine: ``make demo``.
 
-Usage: python jobs/demo.py [--out outputs/demo]
+Usage:
+    python jobs/demo.py                 # reuse whatever earlier runs finished
+    python jobs/demo.py --fresh         # start over (removes outputs/demo)
+    python jobs/demo.py --until evaluate   # stop before serving
 
-For now: builds the tiny model and holds a two-turn chat with two images and two audio clips.
+Starts its own local Ray (``ray start --head`` on 127.0.0.1, stopped by PID at the end) and runs
+each job as a user would on a cluster, with ``RAY_ADDRESS`` pointing at it:
+
+    synthesize -> features -> pretrain (stage 1) -> finetune (stage 2) -> evaluate
+    -> serve (``serve run serve.app:build``) and a 3-turn chat through the OpenAI API
+
+A step whose output is already complete is skipped, so a rerun resumes where the last one
+stopped. Everything lands under ``outputs/demo/``: ``data/`` (media, features, dialogues),
+``stage1/`` and ``stage2/`` (exports + metrics), ``eval.json``, PNG plots and ``report.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np
-from PIL import Image, ImageDraw
-
-from mmm.config import SAMPLE_RATE, preset
-from mmm.model import MMMModel
-from mmm.schema import AUDIO, IMAGE
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
-def demo_media():
-    """Two pictures (a red circle, two blue squares) and two clips (1 and 3 beeps)."""
-    red = Image.new("RGB", (32, 32), "white")
-    ImageDraw.Draw(red).ellipse((6, 6, 26, 26), fill="red")
-    blue = Image.new("RGB", (32, 32), "white")
-    for x in (3, 18):
-        ImageDraw.Draw(blue).rectangle((x, 10, x + 10, 20), fill="blue")
-    t = np.arange(int(0.15 * SAMPLE_RATE)) / SAMPLE_RATE
-    beep = 0.4 * np.sin(2 * np.pi * 880 * t)
-    gap = np.zeros(int(0.15 * SAMPLE_RATE))
-    clips = [np.concatenate([beep, gap] * n).astype(np.float32) for n in (1, 3)]
-    return [red, blue], clips
+@dataclass
+class Step:
+    name: str
+    done_marker: str | None
+    """A file (relative to the demo folder) that exists only once the step finished; None: the
+    step is idempotent and cheap to rerun, so it always runs."""
+    argv: list[str]
 
 
-def chat(model: MMMModel, turns: list[str], images, clips) -> list[str]:
-    """Feed user turns one by one; media spans in a turn take the next images/clips in order."""
-    feats = {IMAGE: model.encode_media(IMAGE, images), AUDIO: model.encode_media(AUDIO, clips)}
-    messages, answers = [], []
-    for text in turns:
-        messages.append({"role": "user", "content": text})
-        from mmm.chat import media_modalities
+def steps(out: Path) -> list[Step]:
+    data = out / "data"
+    return [
+        Step("synthesize", "data/dialogues", ["jobs/synthesize.py", f"out={data}"]),
+        Step("features", None,  # skips media already in the feature store
+             ["jobs/features.py", f"source={data}/manifest.parquet", f"out={data}"]),
+        Step("pretrain", "stage1/final/mmm.json",
+             ["jobs/pretrain.py", "--data", str(data), f"run.output_dir={out}/stage1",
+              f"run.storage_path={out}/ray_results", "run.name=demo-stage1"]),
+        Step("finetune", "stage2/final/mmm.json",
+             ["jobs/finetune.py", "--data", str(data), f"model.init={out}/stage1/final",
+              f"run.output_dir={out}/stage2", f"run.storage_path={out}/ray_results", "run.name=demo-stage2"]),
+        Step("evaluate", "eval.json",
+             ["jobs/evaluate.py", f"model={out}/stage2/final", f"data={data}", f"out={out}"]),
+    ]
 
-        used = {IMAGE: 0, AUDIO: 0}
-        ordered = []
-        for m in media_modalities(messages):
-            ordered.append(feats[m][used[m]])
-            used[m] += 1
-        r = model.render(messages, ordered, add_generation_prompt=True)
-        img = [f for m, f in zip(r.modalities, ordered) if m == IMAGE]
-        aud = [f for m, f in zip(r.modalities, ordered) if m == AUDIO]
-        answer = model.tokenizer.decode(model.generate(r.input_ids, img, aud, max_new_tokens=12))
-        messages.append({"role": "assistant", "content": answer})
-        answers.append(answer)
-    return answers
+
+def run_step(step: Step, out: Path, env: dict) -> float:
+    marker = out / step.done_marker if step.done_marker else None
+    if marker is not None and marker.exists():
+        print(f"== {step.name}: done earlier ({marker.relative_to(REPO) if marker.is_relative_to(REPO) else marker}), skipped")
+        return 0.0
+    print(f"\n== {step.name}: python {' '.join(step.argv)}", flush=True)
+    start = time.time()
+    subprocess.run([sys.executable, "-u", *step.argv], cwd=REPO, env=env, check=True)
+    if marker is not None and not marker.exists():
+        raise RuntimeError(f"step {step.name} finished but did not write {marker}")
+    return time.time() - start
+
+
+def chat_turns(data: Path):
+    """Two held-out images and two held-out clips with known facts, asked about over 3 turns
+    (the third in Malay). Returns the turns as OpenAI parts and the expected answers."""
+    import pyarrow.parquet as pq
+
+    from mmm.media import decode_audio, decode_image
+    from serve.demo import audio_part, image_part
+
+    rows = [r for r in pq.read_table(data / "manifest.parquet").to_pylist() if r["split"] == "eval"]
+    images = [r for r in rows if r["modality"] == "image"][:2]
+    clips = [r for r in rows if r["modality"] == "audio"][:2]
+    load = lambda r: (data / r["uri"]).read_bytes()  # noqa: E731 (uris are relative to the data root)
+    im = [image_part(decode_image(load(r))) for r in images]
+    au = [audio_part(decode_audio(load(r))) for r in clips]
+    facts = [json.loads(r["facts"]) for r in images + clips]
+    turns = [
+        ["Image 1: ", im[0], "\nImage 2: ", im[1], "\nWhat colour are the shapes in image 1?"],
+        ["Audio 1: ", au[0], "\nAudio 2: ", au[1], "\nHow many beeps are in audio 2?"],
+        ["Berapa banyak bentuk dalam gambar 2?"],
+    ]
+    expected = [facts[0]["colour"], str(facts[3]["count"]), str(facts[1]["count"])]
+    return turns, expected
+
+
+def accuracy_table(ev: dict) -> str:
+    lines = ["| group | exact match |", "| --- | --- |", f"| **overall** | **{ev['overall']:.1%}** |"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in sorted(ev["by_kind"].items())]
+    lines += [f"| lang={k} | {v:.1%} |" for k, v in sorted(ev["by_lang"].items())]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple]) -> Path:
+    lines = ["# MMM demo report (tiny preset)", "", "## Accuracy on held-out media (exact match)", "",
+             accuracy_table(ev), "", f"Eval loss: {ev.get('loss', float('nan')):.3f}", "",
+             "![accuracy](accuracy.png)", "", "## Training loss", "", "![loss](loss.png)", "",
+             "## A conversation through the OpenAI API", ""]
+    for q, a, want in chat:
+        lines += [f"- **user:** {q}", f"  **mmm:** {a} (expected: {want})"]
+    lines += ["", "## Step timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/demo")
-    parser.parse_args(argv)
-    start = time.time()
-    model = MMMModel.build(preset("tiny")).eval()
-    images, clips = demo_media()
-    turns = [
-        "<image></image><image></image> What colour is the shape in image 1?",
-        "<audio></audio><audio></audio> Berapa bip dalam audio 2?",
-    ]
-    for q, a in zip(turns, chat(model, turns, images, clips)):
-        print(f"user: {q}\nmmm:  {a}\n")
-    print(f"demo finished in {time.time() - start:.1f} s (untrained tiny model: answers are noise)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="outputs/demo")
+    ap.add_argument("--fresh", action="store_true", help="remove the demo folder first")
+    ap.add_argument("--until", choices=[s.name for s in steps(Path("."))] + ["serve"], default="serve")
+    args = ap.parse_args(argv)
+    out = (REPO / args.out).resolve()
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from jobs.local_ray import LocalRayCluster
+
+    start, timings = time.time(), {}
+    cluster = LocalRayCluster(num_cpus=4)  # logical CPUs > cores: Ray Data's actors never starve
+    print(f"starting a local Ray cluster (127.0.0.1, temp dir {cluster.temp_dir})", flush=True)
+    cluster.start()
+    env = cluster.env | {"RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}", "PYTHONPATH": str(REPO)}
+    try:
+        for step in steps(out):
+            timings[step.name] = run_step(step, out, env)
+            if step.name == args.until:
+                break
+    finally:
+        cluster.stop()
+        print("local Ray cluster stopped", flush=True)
+    ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else None
+    chat = []
+    if args.until == "serve":
+        from serve.demo import serve_and_chat
+
+        t = time.time()
+        turns, expected = chat_turns(out / "data")
+        answers = serve_and_chat(str(out / "stage2" / "final"), turns)
+        texts = [" ".join(p for p in turn if isinstance(p, str)).replace("\n", " ") for turn in turns]
+        chat = list(zip(texts, answers, expected))
+        timings["serve + chat"] = time.time() - t
+    if ev is not None:
+        print("\nAccuracy on held-out media:\n" + accuracy_table(ev))
+        print(f"\nreport: {write_report(out, ev, timings, chat)}")
+    print(f"demo finished in {time.time() - start:.0f} s")
     return 0
 
 
