@@ -76,12 +76,11 @@ def load(cls, path: str, expect_phase=None):
     if expect_phase is not None:
         check_phase(path, meta["phase"], expect_phase)
     config = ModelConfig.from_dict(meta["config"])
-    saved = copy.deepcopy(config)
-    saved.vision.pretrained = os.path.join(local, "vision")
-    saved.audio.pretrained = os.path.join(local, "audio")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer"))
     llm = AutoModelForCausalLM.from_pretrained(os.path.join(local, "llm"))
-    model = cls(config, tokenizer, VisionEncoder(saved.vision), AudioEncoder(saved.audio), llm, phase=meta["phase"])
+    vision = VisionEncoder(config.vision, config.seed, weights=os.path.join(local, "vision"))
+    audio = AudioEncoder(config.audio, config.seed, weights=os.path.join(local, "audio"))
+    model = cls(config, tokenizer, vision, audio, llm, phase=meta["phase"])
     state = load_file(os.path.join(local, "projectors.safetensors"))
     for name in ("vision_projector", "audio_projector"):
         prefix = name + "."

@@ -8,6 +8,9 @@ feature store) and serving can compute them on demand: both paths meet in ``MMMM
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -38,6 +41,18 @@ def load_pretrained(loader, name: str, what: str, **kwargs):
         ) from None
 
 
+def encoder_id(cfg, seed: int) -> str:
+    """What produced the weights: the checkpoint's name, or a digest of the random-init config.
+
+    It names the ``encoder`` column of the feature store, so it must not change when a model is
+    saved and reloaded from another folder, and must change when the tiny encoder's sizes do.
+    """
+    if cfg.pretrained:
+        return cfg.pretrained
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), seed], sort_keys=True).encode()).hexdigest()
+    return f"tiny-random-{digest[:8]}"
+
+
 def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
@@ -47,14 +62,16 @@ def _freeze(module: nn.Module) -> nn.Module:
 class VisionEncoder(nn.Module):
     """SigLIP vision tower; returns the hidden state of ``select_layer`` for every patch."""
 
-    def __init__(self, cfg: VisionConfig, seed: int = 0):
+    def __init__(self, cfg: VisionConfig, seed: int = 0, weights: str | None = None):
+        """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model)."""
         super().__init__()
         from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
         self.cfg = cfg
-        if cfg.pretrained:
-            self.tower = load_pretrained(SiglipVisionModel.from_pretrained, cfg.pretrained, "vision")
-            self.processor = load_pretrained(SiglipImageProcessorPil.from_pretrained, cfg.pretrained, "image processor")
+        source = weights or cfg.pretrained
+        if source:
+            self.tower = load_pretrained(SiglipVisionModel.from_pretrained, source, "vision")
+            self.processor = load_pretrained(SiglipImageProcessorPil.from_pretrained, source, "image processor")
         else:
             torch.manual_seed(seed)
             self.tower = SiglipVisionModel(
@@ -74,7 +91,7 @@ class VisionEncoder(nn.Module):
         tc = self.tower.config
         self.hidden_size = tc.hidden_size
         self.num_patches = (tc.image_size // tc.patch_size) ** 2
-        self.name = f"siglip:{cfg.pretrained or 'tiny-random'}:layer{cfg.select_layer}"
+        self.name = f"siglip:{encoder_id(cfg, seed)}:layer{cfg.select_layer}"
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> (B, 3, H, W) pixel values."""
@@ -109,15 +126,17 @@ class AudioEncoder(nn.Module):
     Audio longer than a window is covered by consecutive windows, concatenated in time.
     """
 
-    def __init__(self, cfg: AudioConfig, seed: int = 0):
+    def __init__(self, cfg: AudioConfig, seed: int = 0, weights: str | None = None):
+        """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model)."""
         super().__init__()
         from transformers import WhisperConfig, WhisperFeatureExtractor
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         self.cfg = cfg
-        if cfg.pretrained:
-            self.encoder = load_pretrained(_load_whisper_encoder, cfg.pretrained, "audio")
-            self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, cfg.pretrained, "audio features")
+        source = weights or cfg.pretrained
+        if source:
+            self.encoder = load_pretrained(_load_whisper_encoder, source, "audio")
+            self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, source, "audio features")
         else:
             torch.manual_seed(seed + 1)
             self.encoder = WhisperEncoder(
@@ -141,7 +160,7 @@ class AudioEncoder(nn.Module):
         self.hidden_size = self.encoder.config.d_model
         self.positions = self.encoder.config.max_source_positions
         self.window_samples = int(self.extractor.chunk_length * SAMPLE_RATE)
-        self.name = f"whisper:{cfg.pretrained or 'tiny-random'}:layer{cfg.select_layer}:{self.extractor.chunk_length}s"
+        self.name = f"whisper:{encoder_id(cfg, seed)}:layer{cfg.select_layer}:{self.extractor.chunk_length}s"
 
     def windows(self, wave: np.ndarray) -> list[np.ndarray]:
         step = self.window_samples

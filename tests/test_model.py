@@ -132,3 +132,18 @@ def test_real_preset_without_hub_fails_clearly():
 
     with pytest.raises(CheckpointUnavailableError, match="cannot load the tokenizer checkpoint .TinyLlama/TinyLlama-1.1B-Chat-v1.0."):
         MMMModel.build(preset("tinyllama"))
+
+
+def test_encoder_names_survive_a_round_trip(tiny_model, tmp_path):
+    """The feature store is keyed by encoder name: a reloaded model must find its features."""
+    import dataclasses
+
+    from mmm.config import preset
+    from mmm.encoders import VisionEncoder
+    from mmm.model import MMMModel
+
+    tiny_model.save_pretrained(str(tmp_path), phase="stage1")
+    loaded = MMMModel.from_pretrained(str(tmp_path))
+    assert (loaded.vision.name, loaded.audio.name) == (tiny_model.vision.name, tiny_model.audio.name)
+    wider = dataclasses.replace(preset("tiny").vision, hidden_size=32)
+    assert VisionEncoder(wider).name != tiny_model.vision.name
