@@ -69,7 +69,7 @@ class FeatureStore:
             table = table.filter(pc.equal(table["encoder"], encoder))
         keys = [f"{e}\x00{m}" for e, m in zip(table["encoder"].to_pylist(), table["media_id"].to_pylist())]
         first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())
-        return table.take(first)
+        return table.take(pa.array(first, pa.int64()))
 
     def load(self, media_ids=None, encoder: str | None = None) -> dict[str, np.ndarray]:
         """media_id -> float32 array (frames, dim); all stored ids when ``media_ids`` is None."""
