@@ -63,7 +63,8 @@ class ProgressLogger:
             from ray.experimental.tqdm_ray import tqdm
         except ImportError:  # pragma: no cover - ray is a dependency; plain tqdm elsewhere
             from tqdm import tqdm
-        self._bar = tqdm(total=total, initial=initial, desc=desc)
+        self._bar = tqdm(total=total, desc=desc)  # tqdm_ray takes no `initial`
+        self._bar.update(initial)
         self._last = initial
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
