@@ -1,0 +1,276 @@
+"""Evaluate a trained checkpoint on the held-out eval split: exact match per kind and language, and loss.
+
+Usage:
+    python jobs/evaluate.py model=outputs/demo/stage2/final data=outputs/data out=outputs/demo
+    python jobs/evaluate.py model=s3://bucket/run/final data=s3://bucket/mmm storage.endpoint_url=... out=/tmp/ev
+    python jobs/evaluate.py --help                      # every field with its default
+
+Every assistant turn of every eval dialogue is scored: the prompt is the reference history up to
+that turn (teacher forcing), the answer is greedy (``generate_batch``, prompts of similar length
+batched together), and it counts as right when it equals the reference after normalisation
+(lowercase, punctuation removed, whitespace collapsed). The eval media never appear in training
+(the offline generator splits media before making dialogues). Loss is the teacher-forced mean
+cross-entropy over every assistant token of the eval dialogues.
+
+Writes under ``out``:
+    eval.json      {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts", "model", "seconds"}
+    accuracy.png   bar chart per kind and language, with the table of figures
+    loss.png       training loss curves of both stages (``metrics`` files; missing ones are skipped)
+and prints the accuracy table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from mmm.chat import media_modalities
+from mmm.schema import AUDIO, IMAGE, KINDS, LANGS
+from pipelines.storage import StorageConfig
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+@dataclass
+class EvalConfig:
+    model: str = "outputs/demo/stage2/final"
+    """Checkpoint to evaluate (HF layout from jobs/finetune.py; stage1 or stage2 phase)."""
+    data: str = "outputs/data"
+    """Data root: <data>/dialogues (eval split) and <data>/features."""
+    out: str = "outputs/demo"
+    """Folder for eval.json and the PNG plots (local)."""
+    metrics: list[str] = field(default_factory=lambda: ["outputs/demo/stage1/metrics.jsonl", "outputs/demo/stage2/metrics.jsonl"])
+    """Training metrics.jsonl files whose loss curves go into loss.png (stage 1, stage 2)."""
+    split: str = "eval"
+    max_dialogues: int = 0
+    """Evaluate only the first N eval dialogues (0: all). The offline generator cycles kinds and
+    languages every 10 dialogues, so any multiple of 10 keeps every kind and both languages."""
+    batch_size: int = 64
+    """Prompts per generate_batch call; prompts are sorted by length first, so padding stays small."""
+    max_new_tokens: int = 8
+    """Answers are one or two words; a longer output is wrong anyway."""
+    loss_context: int = 512
+    """Packed row length for the eval loss."""
+    threads: int = 0
+    """torch threads (0: torch's default, all cores)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace: "Image 2." == "image 2"."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+# ---- prompts and answers -----------------------------------------------------------------------
+
+
+def turn_prompts(model, rows: list[dict], index) -> list[dict]:
+    """One prompt per assistant turn: the reference history before it, with its media features."""
+    prompts = []
+    for row in rows:
+        feats = [index[m] for m in row["media_ids"]]
+        messages = row["messages"]
+        for j, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            history = messages[:j]
+            n = len(media_modalities(history))
+            r = model.render(history, feats[:n], add_generation_prompt=True)
+            prompts.append({
+                "ids": r.input_ids, "reference": msg["content"], "kind": row["kind"], "lang": row["lang"],
+                "image": [f for m, f in zip(r.modalities, feats[:n]) if m == IMAGE],
+                "audio": [f for m, f in zip(r.modalities, feats[:n]) if m == AUDIO],
+            })
+    return prompts
+
+
+@torch.no_grad()
+def answer(model, prompts: list[dict], batch_size: int, max_new_tokens: int, progress: bool = True) -> list[str]:
+    """Greedy answers, batched by similar prompt length; returned in the prompts' order."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["ids"]))
+    out: list[str] = [""] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generate", disable=not progress):
+        todo = [(torch.tensor(prompts[i]["ids"]), prompts[i]["image"], prompts[i]["audio"]) for i in batch]
+        for i, ids in zip(batch, model.generate_batch(todo, max_new_tokens=max_new_tokens)):
+            out[i] = model.tokenizer.decode(ids, skip_special_tokens=True)
+    return out
+
+
+def score(prompts: list[dict], answers: list[str]) -> dict:
+    """Exact-match accuracy overall, by kind, by language and by both, with counts."""
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for p, a in zip(prompts, answers):
+        ok = int(normalize(a) == normalize(p["reference"]))
+        for key in ("overall", f"kind:{p['kind']}", f"lang:{p['lang']}", f"kind_lang:{p['kind']}/{p['lang']}"):
+            hits[key][0] += ok
+            hits[key][1] += 1
+
+    def acc(key: str) -> float | None:
+        right, n = hits.get(key, (0, 0))
+        return round(right / n, 4) if n else None
+
+    kinds = [k for k in KINDS if f"kind:{k}" in hits]
+    langs = [lg for lg in LANGS if f"lang:{lg}" in hits]
+    return {
+        "overall": acc("overall"),
+        "by_kind": {k: acc(f"kind:{k}") for k in kinds},
+        "by_lang": {lg: acc(f"lang:{lg}") for lg in langs},
+        "by_kind_lang": {f"{k}/{lg}": acc(f"kind_lang:{k}/{lg}") for k in kinds for lg in langs},
+        "counts": {"turns": hits["overall"][1], "by_kind": {k: hits[f"kind:{k}"][1] for k in kinds},
+                   "by_lang": {lg: hits[f"lang:{lg}"][1] for lg in langs}},
+    }
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], index, context_length: int) -> float:
+    """Teacher-forced mean cross-entropy over every assistant token of ``rows``."""
+    from jobs.rows import render_row
+    from mmm.packing import model_inputs, pack_stream
+
+    total, tokens = 0.0, 0
+    samples = (render_row(model, r, index) for r in rows)
+    for batch in pack_stream(samples, context_length, 8, model.tokenizer.pad_token_id):
+        n = int((batch["labels"][:, 1:] != -100).sum())  # HF shifts labels by one
+        total += float(model(**model_inputs(batch)).loss) * n
+        tokens += n
+    return round(total / max(tokens, 1), 4)
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def table(result: dict) -> str:
+    """The accuracy table: one line per kind, a column per language, then the totals."""
+    langs = list(result["by_lang"])
+    pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
+    lines = [f"{'kind':<18}" + "".join(f"{lg:>8}" for lg in langs) + f"{'all':>8}{'turns':>7}"]
+    for kind, acc in result["by_kind"].items():
+        cells = "".join(f"{pct(result['by_kind_lang'].get(f'{kind}/{lg}')):>8}" for lg in langs)
+        lines.append(f"{kind:<18}{cells}{pct(acc):>8}{result['counts']['by_kind'][kind]:>7}")
+    cells = "".join(f"{pct(result['by_lang'][lg]):>8}" for lg in langs)
+    lines.append(f"{'overall':<18}{cells}{pct(result['overall']):>8}{result['counts']['turns']:>7}")
+    return "\n".join(lines)
+
+
+def plot_accuracy(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds, langs = list(result["by_kind"]), list(result["by_lang"])
+    fig, (ax, tx) = plt.subplots(2, 1, figsize=(9, 7), gridspec_kw={"height_ratios": [3, 2]})
+    width = 0.8 / (len(langs) + 1)
+    for j, name in enumerate([*langs, "all"]):
+        vals = [result["by_kind"][k] if name == "all" else result["by_kind_lang"].get(f"{k}/{name}") or 0 for k in kinds]
+        ax.bar([i + (j - len(langs) / 2) * width for i in range(len(kinds))], [100 * v for v in vals], width, label=name)
+    ax.axhline(100 * result["overall"], color="k", ls="--", lw=1, label=f"overall {100 * result['overall']:.1f}%")
+    ax.set_xticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("exact match (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"eval exact match ({result['counts']['turns']} assistant turns), loss {result['loss']}")
+    tx.axis("off")
+    tx.text(0, 1, table(result), family="monospace", fontsize=9, va="top")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_losses(paths: list[str], path: str) -> list[str]:
+    """Loss vs optimizer step, one panel per stage's metrics.jsonl; returns the files plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.metrics import read_jsonl
+
+    found = [p for p in paths if os.path.exists(p)]
+    fig, axes = plt.subplots(1, max(1, len(found)), figsize=(5 * max(1, len(found)), 3.5), squeeze=False)
+    for ax, p in zip(axes[0], found):
+        recs = [r for r in read_jsonl(p) if "loss" in r and "step" in r]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+        ax.set_title(Path(p).parent.name or p)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("train loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return found
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
+
+def load_split(cfg: EvalConfig) -> list[dict]:
+    import pyarrow.compute as pc
+
+    from mmm.schema import DIALOGUES, check_columns
+    from pipelines.storage import join, read_parquet
+
+    fs, path = cfg.storage.filesystem(join(cfg.data, "dialogues"))
+    table = read_parquet(fs, path)
+    if table is None:
+        raise FileNotFoundError(f"{cfg.data}/dialogues has no Parquet files (run jobs/synthesize.py)")
+    check_columns(table, DIALOGUES, f"{cfg.data}/dialogues")
+    rows = table.filter(pc.equal(table["split"], cfg.split)).sort_by("dialogue_id").to_pylist()
+    if not rows:
+        raise ValueError(f"{cfg.data}/dialogues has no {cfg.split!r} rows")
+    return rows[: cfg.max_dialogues] if cfg.max_dialogues else rows
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from jobs.rows import load_index
+    from mmm.model import MMMModel
+    from pipelines.storage import join
+
+    start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = MMMModel.from_pretrained(cfg.model, expect_phase=("stage1", "stage2")).eval()
+    rows = load_split(cfg)
+    index = load_index(join(cfg.data, "features"), (model.vision.name, model.audio.name),
+                       {m for r in rows for m in r["media_ids"]}, cfg.storage)
+    prompts = turn_prompts(model, rows, index)
+    result = score(prompts, answer(model, prompts, cfg.batch_size, cfg.max_new_tokens))
+    result["loss"] = eval_loss(model, rows, index, cfg.loss_context)
+    result["counts"]["dialogues"] = len(rows)
+    result.update(model=cfg.model, phase=model.phase, seconds=round(time.time() - start, 1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from pipelines.cli import parse
+
+    cfg = parse(EvalConfig, argv, __doc__)
+    result = evaluate(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_accuracy(result, os.path.join(cfg.out, "accuracy.png"))
+    plot_losses(cfg.metrics, os.path.join(cfg.out, "loss.png"))
+    print(table(result))
+    print(f"eval loss {result['loss']}  ({result['counts']['turns']} turns of {result['counts']['dialogues']} dialogues, "
+          f"{result['seconds']} s) -> {cfg.out}/eval.json, accuracy.png, loss.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Stage 1 -> stage 2 -> evaluate on local Ray (2 CPU workers, DeepSpeed ZeRO-2, the tiny preset).
+
+A small data root is made in process with the offline generator's own pieces (its media with
+known facts, its dialogue maker, its manifest) and the tiny preset's frozen encoders, so no Ray
+Data start-up is paid here (tests/test_pipelines.py covers those jobs). Three ``trainer.fit`` calls
+in all: stage 1 interrupted by an injected failure after its step-2 checkpoint; stage 1 resumed
+through the real entry point (``jobs/pretrain.py --resume``); stage 2 with rank 0 fed only image
+dialogues and rank 1 only audio dialogues. Then jobs/evaluate.py on the stage-2 export.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs import evaluate as evaluate_job  # noqa: E402
+from jobs import finetune as finetune_job  # noqa: E402
+from jobs import pretrain as pretrain_job  # noqa: E402
+from jobs import rows as rows_mod  # noqa: E402
+from jobs import stages  # noqa: E402
+from jobs.answer_loss import AnswerLoss, unwrap  # noqa: E402
+from jobs.metrics import read_jsonl  # noqa: E402
+from mmm.checkpoint import CheckpointError  # noqa: E402
+from mmm.schema import KINDS, LANGS, MEDIA  # noqa: E402
+
+NUM_IMAGES, NUM_AUDIO, NUM_DIALOGUES = 24, 12, 200
+IMAGE_KINDS = ("visual_context", "multi_image")
+AUDIO_KINDS = ("audio_instruction", "multi_audio")
+STEPS1, STEPS2 = 4, 8
+
+
+# ---- a tiny data root, made in process ---------------------------------------------------------
+
+
+def make_root(root: Path, model) -> None:
+    """media.parquet, features/ and dialogues/ as jobs/synthesize.py + jobs/features.py lay them out."""
+    from mmm.media import decode_audio, decode_image, media_id
+    from mmm.schema import encode_tensor
+    from pipelines.storage import StorageConfig
+    from pipelines.store import FeatureStore
+    from pipelines.synth.generate import manifest_table
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import DialogueConfig, OfflineDialogues, pools_from_manifest
+
+    items, feats = [], []
+    for kind, n, decode in (("image", NUM_IMAGES, decode_image), ("audio", NUM_AUDIO, decode_audio)):
+        made = [make_item(0, kind, i) for i in range(n)]
+        encoded = model.encode_media(kind, [decode(data) for data, _, _ in made])
+        for i, ((data, facts, ext), f) in enumerate(zip(made, encoded)):
+            mid = media_id(data)
+            split = "eval" if i < max(3, round(0.1 * n)) else "train"
+            items.append(dict(uri=f"media/{kind}/{i:06d}.{ext}", modality=kind, kind=kind, index=i, media_id=mid,
+                              facts=json.dumps(facts), split=split))
+            encoder = model.vision.name if kind == "image" else model.audio.name
+            feats.append(dict(media_id=mid, modality=kind, encoder=encoder, **encode_tensor(f.numpy())))
+    FeatureStore(str(root / "features"), StorageConfig()).write_part(pa.Table.from_pylist(feats))
+    manifest = manifest_table(items)
+    media = manifest.select(["media_id", "modality", "uri", "caption", "transcript", "lang"])
+    for name in ("num_bytes", "width", "height", "duration_s"):
+        media = media.append_column(name, pa.nulls(len(media), MEDIA.field(name).type))
+    pq.write_table(media.select(MEDIA.names).cast(MEDIA), root / "media.parquet")
+    maker = OfflineDialogues(pools_from_manifest(items), DialogueConfig(num_dialogues=NUM_DIALOGUES), seed=0)
+    (root / "dialogues").mkdir()
+    pq.write_table(maker(pa.table({"index": list(range(NUM_DIALOGUES))})), root / "dialogues" / "part-0.parquet")
+
+
+# ---- hooks that shape the runs (pickled by value into the workers) -------------------------------
+
+
+def interrupted_batches(model, cfg, rows, marker: str, at: int, seen: list):
+    """Rank 1 fails once at its ``at``-th micro-batch (counted across epochs), like a killed job."""
+    for batch in rows_mod.packed_batches(model, cfg, rows):
+        seen[0] += 1
+        if seen[0] == at and torch.distributed.get_rank() == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("injected interruption")
+        yield batch
+
+
+def batches_by_modality(model, cfg, rows):
+    """Rank 0 trains only on image dialogues, rank 1 only on audio ones: every step, each rank runs
+    one projector for real and the other as a zero-weighted dummy."""
+    keep = IMAGE_KINDS if torch.distributed.get_rank() == 0 else AUDIO_KINDS
+    yield from rows_mod.packed_batches(model, cfg, (r for r in rows if r["kind"] in keep))
+
+
+def _hooks(make_batches):
+    from jobs.train_loop import TrainHooks
+    from mmm.packing import model_inputs
+
+    return TrainHooks(build_model=stages.build_model, make_batches=make_batches, export=stages.export,
+                      model_inputs=model_inputs)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+             logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model):
+    work = tmp_path_factory.mktemp("train")
+    (work / "data").mkdir()
+    make_root(work / "data", tiny_model)
+    return work
+
+
+def _args(work: Path, stage: str, steps: int, every: int) -> list[str]:
+    out = "stage1" if stage == "pretrain" else "stage2"
+    return ["--data", str(work / "data"), f"run.output_dir={work / out}", f"run.storage_path={work / 'ray'}",
+            f"run.name={out}", f"train.max_steps={steps}", f"train.checkpoint_every={every}", "train.log_every=1",
+            "train.warmup_steps=1", "train.micro_batch_size=1", "data.shuffle_buffer=16", "run.progress=false",
+            "run.max_failures=0"]
+
+
+@pytest.fixture(scope="module")
+def stage1(ray_local, work):
+    """Stage 1 interrupted on rank 1 in step 3 (after the step-2 checkpoint), then ``--resume``d."""
+    cfg, _ = stages.parse_args("pretrain", _args(work, "pretrain", STEPS1, 2), "")
+    hooks = _hooks(functools.partial(interrupted_batches, marker=str(work / "interrupted"), at=3, seen=[0]))
+    with pytest.raises(Exception, match="injected interruption"):
+        stages.run(cfg, train_hooks=hooks)
+    summary = pretrain_job.main([*_args(work, "pretrain", STEPS1, 2), "--resume"])
+    return SimpleNamespace(cfg=cfg, summary=summary, final=work / "stage1" / "final",
+                           log=read_jsonl(str(work / "stage1" / "metrics.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, work):
+    argv = [*_args(work, "finetune", STEPS2, STEPS2), f"model.init={stage1.final}"]
+    cfg, _ = stages.parse_args("finetune", argv, "")
+    result = stages.run(cfg, train_hooks=_hooks(batches_by_modality))
+    return SimpleNamespace(cfg=cfg, summary=result, final=work / "stage2" / "final",
+                           log=read_jsonl(str(work / "stage2" / "metrics.jsonl")))
+
+
+def _state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_stage1_resumes_from_the_saved_step(stage1):
+    starts = [r for r in stage1.log if r.get("event") == "start"]
+    steps = [r["step"] for r in stage1.log if "loss" in r]
+    assert [r["start_step"] for r in starts] == [0, 2], "the resumed run must continue from the step-2 checkpoint"
+    assert steps == list(range(1, STEPS1 + 1)), "history up to the checkpoint, then the resumed steps, no repeats"
+    assert starts[1]["param_norm"] == pytest.approx(next(r for r in stage1.log if r.get("step") == 2)["param_norm"], rel=1e-6)
+    assert stage1.summary["steps"] == STEPS1
+
+
+@pytest.mark.timeout(900)
+def test_stage1_trains_only_the_projectors_and_stores_feature_statistics(stage1, work):
+    from mmm.model import MMMModel
+
+    fresh = MMMModel.build(stages.model_config(stage1.cfg))  # what every worker started from
+    trained = MMMModel.from_pretrained(str(stage1.final), expect_phase="stage1")
+    for part in ("llm", "vision", "audio"):
+        assert _equal(_state(getattr(fresh, part)), _state(getattr(trained, part))), f"stage 1 changed the {part}"
+    for proj in ("vision_projector", "audio_projector"):
+        before, after = _state(getattr(fresh, proj)), _state(getattr(trained, proj))
+        weights = [k for k in before if not k.startswith("norm.")]
+        assert all(not torch.equal(before[k], after[k]) for k in weights), f"{proj} did not train"
+    # FeatureNorm: statistics of the training features (eval media excluded), computed before step 1.
+    cfg = stages.absolute_paths(stage1.cfg)
+    index = rows_mod.load_index(cfg.data.features, (fresh.vision.name, fresh.audio.name),
+                                rows_mod.train_media_ids(cfg), rows_mod._storage(cfg))
+    mean, std = rows_mod.feature_stats(index.of("image"), fresh.vision_projector.norm.positions)
+    assert torch.allclose(trained.vision_projector.norm.mean, mean) and torch.allclose(trained.vision_projector.norm.std, std)
+    assert not torch.equal(trained.audio_projector.norm.std, fresh.audio_projector.norm.std)
+    assert len(index) == (NUM_IMAGES - 3) + (NUM_AUDIO - 3)
+
+
+@pytest.mark.timeout(900)
+def test_stage2_starts_from_stage1_and_mixed_modality_ranks_finish(stage1, stage2):
+    from mmm.model import MMMModel
+
+    assert stage2.summary["steps"] == STEPS2, "a rank with only image rows and one with only audio rows must not hang"
+    s1 = MMMModel.from_pretrained(str(stage1.final))
+    threads = torch.get_num_threads()
+    start = unwrap(stages.build_model(stages.absolute_paths(stage2.cfg)))  # exactly what each stage-2 worker builds
+    torch.set_num_threads(threads)
+    s2 = MMMModel.from_pretrained(str(stage2.final), expect_phase="stage2")
+    for proj in ("vision_projector", "audio_projector"):
+        assert _equal(_state(getattr(s1, proj)), _state(getattr(start, proj))), f"stage 2 did not start from stage 1's {proj}"
+        for buf in ("norm.mean", "norm.std"):  # statistics travel unchanged to the final model
+            assert torch.equal(getattr(s1, proj).state_dict()[buf], getattr(s2, proj).state_dict()[buf])
+        assert not torch.equal(getattr(s1, proj).state_dict()["linear_1.weight" if proj[0] == "v" else "conv.weight"],
+                               getattr(s2, proj).state_dict()["linear_1.weight" if proj[0] == "v" else "conv.weight"])
+    assert not _equal(_state(s1.llm), _state(s2.llm)), "stage 2 trains the LM"
+    assert _equal(_state(s1.vision), _state(s2.vision)) and _equal(_state(s1.audio), _state(s2.audio))
+
+
+@pytest.mark.timeout(900)
+def test_loss_falls(stage2):
+    losses = [r["loss"] for r in stage2.log if "loss" in r]
+    assert len(losses) == STEPS2
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_stage2_refuses_a_checkpoint_of_another_phase(stage2, work):
+    for wrong in (stage2.final, work / "missing"):
+        with pytest.raises((CheckpointError, FileNotFoundError), match="stage1|not an MMM checkpoint"):
+            finetune_job.main([*_args(work, "finetune", 1, 1), f"model.init={wrong}", "run.name=refused"])
+    assert not (work / "ray" / "refused").exists(), "refused before any worker started"
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_writes_every_kind_and_both_languages(stage1, stage2, work):
+    out = work / "eval"
+    result = evaluate_job.main([f"model={stage2.final}", f"data={work / 'data'}", f"out={out}",
+                                f"metrics=[{work}/stage1/metrics.jsonl, {work}/stage2/metrics.jsonl]"])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["overall"] == result["overall"] and 0.0 <= saved["overall"] <= 1.0
+    assert set(saved["by_kind"]) == set(KINDS) and set(saved["by_lang"]) == set(LANGS)
+    assert math.isfinite(saved["loss"]) and saved["counts"]["turns"] >= saved["counts"]["dialogues"] == NUM_DIALOGUES // 10
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+
+
+def test_answer_loss_equals_the_models_own_loss(work, tiny_model):
+    from mmm.packing import model_inputs, pack_stream
+
+    cfg, _ = stages.parse_args("finetune", _args(work, "finetune", 1, 1), "")
+    cfg = stages.absolute_paths(cfg)
+    index = rows_mod.load_index(cfg.data.features, (tiny_model.vision.name, tiny_model.audio.name), None, rows_mod._storage(cfg))
+    rows = rows_mod.train_rows(cfg).to_pylist()[:40]
+    batch = next(pack_stream(rows_mod.samples(tiny_model, cfg, rows, index), 512, 2, tiny_model.tokenizer.pad_token_id))
+    with torch.no_grad():
+        full, sparse = tiny_model(**model_inputs(batch)).loss, AnswerLoss(tiny_model)(**model_inputs(batch)).loss
+    assert torch.allclose(full, sparse, rtol=1e-5), (full, sparse)
+
+
+def test_normalize_and_config_layers(tmp_path):
+    assert evaluate_job.normalize("  Image 2. ") == evaluate_job.normalize("image 2") == "image 2"
+    assert evaluate_job.normalize("Ya!") == "ya"
+    yaml_file = tmp_path / "s2.yaml"
+    yaml_file.write_text("train:\n  lr: 1e-4\n  max_steps: 50\nmodel:\n  overrides: {llm: {num_layers: 3}}\n")
+    cfg = stages.job_config("finetune", "/d", str(yaml_file), ["train.max_steps=7"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.context_length) == (1e-4, 7, 512)  # TINY < YAML < CLI
+    assert cfg.model.overrides == {"llm": {"num_layers": 3}} and cfg.data.features == "/d/features"
+    assert cfg.model.init == "outputs/demo/stage1/final" and cfg.run.output_dir == "outputs/demo/stage2"
