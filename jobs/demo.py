@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         t = time.time()
         turns, expected = chat_turns(out / "data")
         answers = serve_and_chat(str(out / "stage2" / "final"), turns)
-        texts = [" ".join(p for p in turn if isinstance(p, str)).replace("\n", " ") for turn in turns]
+        names = {"image_url": "[image]", "input_audio": "[audio]"}
+        texts = ["".join(p if isinstance(p, str) else names[p["type"]] for p in turn).replace("\n", " ") for turn in turns]
         chat = list(zip(texts, answers, expected))
         timings["serve + chat"] = time.time() - t
     if ev is not None:
