@@ -100,6 +100,9 @@ class LLMConfig:
     max_position_embeddings: int = 2048
     max_context: int = 1024
     """Longest rendered conversation accepted (tokens). Real presets raise it (the paper: 8192)."""
+    attention: str = "mmm_packed_sdpa"
+    """How the LM attends. The default runs each packed sample's slice with causal SDPA (no L x L
+    mask; see mmm/attention.py); any transformers name ("sdpa", "flash_attention_2", ...) also works."""
     lora_r: int = 16
     """LoRA rank when stage 2 trains adapters instead of the full LM (peft's common default)."""
     lora_alpha: int = 32

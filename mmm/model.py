@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .attention import PACKED_SDPA, register as register_attention
 from .chat import PlaceholderMismatchError, Rendered, render
 from .config import ModelConfig
 from .encoders import build_encoders, load_pretrained
@@ -49,6 +50,9 @@ class MMMModel(nn.Module):
         super().__init__()
         self.config, self.tokenizer, self.phase = config, tokenizer, phase
         self.vision, self.audio, self.llm = vision, audio, llm
+        if config.llm.attention == PACKED_SDPA:
+            register_attention()
+        llm.set_attn_implementation(config.llm.attention)
         d = llm.get_input_embeddings().embedding_dim
         p = config.projector
         self.vision_projector = VisionProjector(vision.hidden_size, d, p.vision_hidden, vision.num_patches)

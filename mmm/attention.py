@@ -1,0 +1,76 @@
+"""Attention that runs each packed sample on its own: the CPU/GPU-portable varlen path.
+
+A packed row holds several samples whose ``position_ids`` restart at 0. Stock transformers turns
+the resets into a block-diagonal (L x L) mask, so every row pays for attention over its whole
+length, masked blocks included, and loses SDPA's fused causal kernels (they need ``is_causal``
+and no mask). ``packed_sdpa`` instead cuts each row at the resets and runs causal SDPA on each
+sample's slice: the work of running the samples one by one, none of the padding of batching them.
+It is what flash-attention's varlen kernel does on a GPU, written with the ops every device has.
+
+Rows with a padding mask (batched generation, padded batches) and cached decoding go through
+transformers' own SDPA path unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+PACKED_SDPA = "mmm_packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, position_ids=None,
+                **kwargs):
+    """(B, H, L, D) query/key/value -> ((B, L, H, D) output, None), as transformers' interface expects."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    if attention_mask is not None or length == 1 or key.shape[2] != length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    for r, bounds in enumerate(segment_bounds(position_ids, query.shape[0], length)):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[r : r + 1, :, a:b], key[r : r + 1, :, a:b], value[r : r + 1, :, a:b],
+                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1,
+            )
+            for a, b in bounds
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def segment_bounds(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[tuple[int, int]]]:
+    """Per row, the ``[start, end)`` of each sample: a sample starts wherever its position is 0."""
+    if position_ids is None:
+        return [[(0, length)]] * batch
+    starts = (position_ids.expand(batch, -1) == 0).cpu()
+    out = []
+    for row in starts:
+        cuts = row.nonzero().flatten().tolist()
+        if not cuts or cuts[0] != 0:
+            cuts = [0, *cuts]
+        out.append(list(zip(cuts, [*cuts[1:], length])))
+    return out
+
+
+def packed_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    """No mask where ``packed_sdpa`` derives causality and sample bounds itself; SDPA's mask elsewhere."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length:
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask,
+                     **kwargs)
+
+
+def register() -> str:
+    """Make ``PACKED_SDPA`` a transformers attention implementation (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_mask)
+    return PACKED_SDPA
