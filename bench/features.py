@@ -3,7 +3,8 @@
 - pipeline: the Ray Data features pipeline (read + sha256 + validate -> encoder actors -> Parquet parts);
 - bare:     one process, read + decode + batched ``encode`` (torch threads: the faster of 1 and
             every core, measured first): the machine's limit for one process;
-- naive:    one process, read + decode + ``encode([item])`` one item at a time (processor + model per item).
+- naive:    one process, one item at a time: read + decode + processor + model (for audio the Hugging
+            Face ``WhisperFeatureExtractor`` over the padded window, for images ``encode([item])``).
 
 Usage:
     python bench/features.py [--items 40000] [--modality image|audio] [--batch-size 256] [--actors N]
@@ -28,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402
 
 from mmm.config import preset  # noqa: E402
 from mmm.media import decode_audio, decode_image  # noqa: E402
@@ -103,11 +106,22 @@ def bare(paths: list[Path], modality: str, batch: int) -> dict:
     return rates(_loop(encoder, decode, paths, batch), start)
 
 
+def naive_audio(encoder, wave):
+    """What a straightforward script does per clip: the Hugging Face processor, then the model."""
+    from mmm.encoders import SAMPLE_RATE, frames_for
+
+    windows = encoder.windows(wave)
+    mels = encoder.extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length")
+    feats = encoder(mels["input_features"])
+    return torch.cat([f[: frames_for(len(w))] for w, f in zip(windows, feats)])
+
+
 def naive(paths: list[Path], modality: str) -> dict:
     encoder, decode = _encoder(modality)
+    encode_one = (lambda item: encoder.encode([item])[0]) if modality == IMAGE else (lambda w: naive_audio(encoder, w))
     start, marks = time.time(), []
     for p in paths:
-        feat = encoder.encode([decode(p.read_bytes())])[0]
+        feat = encode_one(decode(p.read_bytes()))
         _ = feat.half().numpy().tobytes()
         marks.append((time.time(), 1))
     return rates(marks, start)
@@ -148,7 +162,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import ray
-    import torch
 
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mmm-bench-") as tmp:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import logmel
 from .config import (
     ENCODER_FRAMES_PER_SECOND,
     SAMPLE_RATE,
@@ -166,6 +167,12 @@ class AudioEncoder(nn.Module):
         step = self.window_samples
         return [wave[i : i + step] for i in range(0, max(len(wave), 1), step)]
 
+    def log_mels(self, windows: list[np.ndarray]) -> torch.Tensor:
+        """Clips of at most one window each -> (W, n_mels, 2 * positions) Whisper log-mels."""
+        if logmel.supports(self.extractor):
+            return logmel.log_mel(self.extractor, windows, self.window_samples)
+        return self.extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length")["input_features"]
+
     @torch.no_grad()
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
         """(W, n_mels, 2 * positions) log-mels -> (W, positions, Da) per-window features."""
@@ -178,9 +185,7 @@ class AudioEncoder(nn.Module):
         pieces = [(i, w) for i, wave in enumerate(waves) for w in self.windows(np.asarray(wave, np.float32))]
         if not pieces:
             return []
-        mels = self.extractor(
-            [w for _, w in pieces], sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length"
-        )["input_features"]
+        mels = self.log_mels([w for _, w in pieces])
         device = next(self.encoder.parameters()).device
         feats = self(mels.to(device)).float().cpu()  # (W, 1500, Da)
         per_item: list[list[torch.Tensor]] = [[] for _ in waves]
