@@ -7,9 +7,8 @@ overrides from the command line::
     python jobs/finetune.py --config my.yaml --set train.lr=1e-4 train.max_steps=200
     python jobs/finetune.py run.name=exp1 --resume
 
-Every key is checked against the dataclasses: a typo is an error naming the key and the keys that
-exist. Values are coerced to the field's type (``train.lr=1e-4`` is a float, ``deepspeed.bf16=auto``
-stays a string), so YAML's quirks (``1e-4`` is a string in YAML 1.1) never reach the trainer.
+Loading (key checks, YAML values coerced to field types) is :mod:`mmm.config_io`, shared with the
+pipeline jobs.
 
 Batch arithmetic: one optimizer step sees ``micro_batch_size * grad_accum * num_workers`` packed
 rows of ``context_length`` tokens (DeepSpeed's ``train_batch_size``).
@@ -19,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from mmm.config import from_dict
+from mmm import config_io
 
 STAGES = ("pretrain", "finetune")
 LLM_MODES = ("frozen", "full", "lora")
@@ -166,7 +161,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return from_dict(cls, _coerce_tree(cls, d, ""))
+        return config_io.load(cls, d)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -199,109 +194,16 @@ def stage_defaults(stage: str, preset: str = "tiny") -> dict[str, Any]:
 
 def load_config(stage: str, path: str | None = None, overrides: list[str] = (), preset: str | None = None) -> TrainConfig:
     """Build a TrainConfig: ``stage_defaults`` <- YAML file at ``path`` <- ``key=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-        _check(isinstance(tree, dict), f"{path}: expected a mapping at the top level")
-    parsed = [parse_override(o) for o in overrides]
+    tree = config_io.read_yaml(path) if path else {}
+    parsed = [config_io.parse_override(o) for o in overrides]
     preset = preset or _lookup(parsed, "model.preset") or tree.get("model", {}).get("preset") or "tiny"
-    merged = _merge(stage_defaults(stage, preset), tree)
+    merged = config_io.merge(stage_defaults(stage, preset), tree)
     _check(merged.get("stage", stage) == stage, f"config says stage {merged.get('stage')!r} but this job is {stage!r}")
-    for key, value in parsed:
-        _set_path(merged, key, value)
-    return TrainConfig.from_dict(merged)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``train.lr=1e-4`` -> ("train.lr", value parsed as YAML; coerced to the field type later)."""
-    key, sep, raw = text.partition("=")
-    _check(bool(sep) and bool(key.strip()), f"override {text!r} is not key=value (e.g. train.lr=1e-4)")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return config_io.load(TrainConfig, merged, overrides=list(overrides))
 
 
 def _lookup(parsed: list[tuple[str, Any]], key: str) -> Any:
     return next((v for k, v in reversed(parsed) if k == key), None)
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c``; checks each name against the dataclasses so a typo names the valid keys."""
-    cls: Any = TrainConfig
-    node = tree
-    parts = dotted.split(".")
-    for i, name in enumerate(parts):
-        if cls is not None:
-            hints = typing.get_type_hints(cls)
-            if name not in hints:
-                where = ".".join(parts[:i]) or "top level"
-                raise ValueError(f"unknown config key {dotted!r}: {where} has {sorted(hints)}")
-            cls = hints[name] if dataclasses.is_dataclass(hints[name]) else None
-        if i == len(parts) - 1:
-            node[name] = value
-        else:
-            node = node.setdefault(name, {})
-            _check(isinstance(node, dict), f"cannot set {dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
-
-
-def _coerce_tree(cls: type, d: Any, where: str) -> Any:
-    """Coerce each leaf of ``d`` to its dataclass field's type; unknown keys are left for from_dict."""
-    if not isinstance(d, dict):
-        raise TypeError(f"{where or cls.__name__}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in d.items():
-        t = hints.get(name)
-        key = f"{where}.{name}" if where else name
-        if t is not None and dataclasses.is_dataclass(t):
-            out[name] = _coerce_tree(t, value, key)
-        elif t is not None:
-            out[name] = _coerce(value, t, key)
-        else:
-            out[name] = value
-    return out
-
-
-def _coerce(value: Any, t: Any, key: str) -> Any:
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in (a for a in args if a is not type(None)):  # first type that takes the value wins
-            try:
-                return _coerce(value, a, key)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"{key}: {value!r} is not a {t}")
-    if origin is list:
-        _check(isinstance(value, (list, tuple)), f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], key) for v in value] if args else list(value)
-    if origin is dict or t is dict:
-        _check(isinstance(value, dict), f"{key}: expected a mapping, got {value!r}")
-        return value
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected true/false, got {value!r}")
-    if t in (int, float):
-        if isinstance(value, bool):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        try:
-            number = float(value) if t is float else int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected {t.__name__}, got {value!r}") from None
-        _check(t is float or float(value) == number, f"{key}: expected an integer, got {value!r}")
-        return number
-    if t is str:
-        _check(isinstance(value, str), f"{key}: expected a string, got {value!r}")
-        return value
-    return value
 
 
 # ---- command line ---------------------------------------------------------------------------

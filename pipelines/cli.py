@@ -2,10 +2,9 @@
 
     python jobs/features.py --config my.yaml source=s3://bucket/raw/ encode.batch_size=32
 
-Overrides are dotted paths into the config dataclass; values are parsed as YAML (``32`` is an
-int, ``null`` is None, ``s3://x`` a string). ``mmm.config.from_dict`` builds the nested
-dataclasses and rejects unknown keys. ``--help`` lists every field with its default and the
-docstring written under it.
+Overrides are dotted paths into the config dataclass, loaded by :mod:`mmm.config_io` (the same
+loader as the training jobs: unknown keys are errors, values are coerced to the field types).
+``--help`` lists every field with its default and the docstring written under it.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import inspect
 import json
 import textwrap
 
-import yaml
-
-from mmm.config import from_dict
+from mmm import config_io
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
@@ -62,26 +59,6 @@ def describe(cls: type, values: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Deep-merge ``update`` into a copy of ``base`` (sections merge, leaves replace)."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def set_dotted(data: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    for p in parents:
-        data = data.setdefault(p, {})
-        if not isinstance(data, dict):
-            raise ValueError(f"{key}: {p} is not a section")
-    data[leaf] = value
-
-
 def parse(cls: type, argv: list[str] | None, doc: str | None):
     """Parse ``[--config FILE] [key=value ...]`` into a ``cls`` instance (exits 2 on a bad key)."""
     parser = argparse.ArgumentParser(
@@ -91,17 +68,8 @@ def parse(cls: type, argv: list[str] | None, doc: str | None):
     parser.add_argument("--config", help="YAML file with any of the fields below (overrides win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted field = YAML value")
     args = parser.parse_args(argv)
-    data: dict = {}
-    if args.config:
-        with open(args.config) as f:
-            data = yaml.safe_load(f) or {}
-    for item in args.overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            parser.error(f"expected key=value, got {item!r}")
-        set_dotted(data, key.strip(), yaml.safe_load(value))
     try:
-        return from_dict(cls, merge(defaults(cls), data))
+        return config_io.load(cls, defaults(cls), args.config, args.overrides)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
 
