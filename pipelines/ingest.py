@@ -155,27 +155,43 @@ class Validate:
         self.limits = limits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # Column-wise, so the bytes are never copied into Python rows and back (see EncodeMedia).
         require(batch, self.NEEDS, type(self).__name__)
-        rows = batch.to_pylist()
-        for row in rows:
-            if row["error"] is None:
-                self._check(row)
-        return pa.Table.from_pylist(rows, schema=ROW)
+        n = len(batch)
+        cols = {c: batch[c].to_pylist() if c in batch.column_names else [None] * n
+                for c in ("uri", "modality", "error", "stage", "width", "height", "duration_s")}
+        data, failed = batch["bytes"], set()
+        for i, uri in enumerate(cols["uri"]):
+            if cols["error"][i] is None and not self._check(cols, i, uri, data[i].as_py()):
+                failed.add(i)
+        if failed:  # no bytes travel on for items that failed to decode
+            keep = pa.array([i not in failed for i in range(n)])
+            data = pc.if_else(keep, data, pa.scalar(None, pa.binary()))
+        arrays = []
+        for f in ROW:
+            if f.name == "bytes":
+                arrays.append(data)
+            elif f.name in cols:
+                arrays.append(pa.array(cols[f.name], f.type))
+            else:
+                arrays.append(batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(n, f.type))
+        return pa.Table.from_arrays(arrays, schema=ROW)
 
-    def _check(self, row: dict) -> None:
-        modality = guess_modality(row["uri"], row["bytes"], row["modality"])
-        row["modality"] = modality
+    def _check(self, cols: dict, i: int, uri: str, data: bytes) -> bool:
+        """Decode item ``i``, filling its columns; False (with the reason recorded) when it fails."""
+        modality = guess_modality(uri, data, cols["modality"][i])
+        cols["modality"][i] = modality
         try:
             if modality == IMAGE:
-                img = decode_image(row["bytes"], self.limits, row["uri"])
-                row["width"], row["height"] = img.size
+                cols["width"][i], cols["height"][i] = decode_image(data, self.limits, uri).size
             elif modality == AUDIO:
-                wave = decode_audio(row["bytes"], self.limits, row["uri"])
-                row["duration_s"] = len(wave) / SAMPLE_RATE
+                cols["duration_s"][i] = len(decode_audio(data, self.limits, uri)) / SAMPLE_RATE
             else:
-                raise MediaError(row["uri"], "unknown media type (not an image or audio format we decode)")
+                raise MediaError(uri, "unknown media type (not an image or audio format we decode)")
         except MediaError as e:
-            row.update(error=e.reason, stage="decode", bytes=None)
+            cols["error"][i], cols["stage"][i] = e.reason, "decode"
+            return False
+        return True
 
 
 def media_table(results: pa.Table, source: pa.Table) -> pa.Table:
