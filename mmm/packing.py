@@ -2,8 +2,9 @@
 
 A sample is ``{"input_ids", "labels", "image_features", "audio_features"}`` (lists of ids and
 lists of per-item feature tensors). Packed rows restart ``position_ids`` at 0 for each sample and
-pass no attention mask: transformers then builds a block-diagonal causal mask from the position
-resets, so no sample attends to another and each gives the logits it would give alone.
+pass no attention mask: the LM's attention (``mmm/attention.py``) cuts each row at the restarts
+and attends within each sample only, so each gives the logits it would give alone. (With plain
+``sdpa`` transformers builds a block-diagonal mask from the same restarts: same logits, slower.)
 """
 
 from __future__ import annotations
