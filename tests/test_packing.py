@@ -37,6 +37,33 @@ def test_packed_rows_match_samples_alone(tiny_model):
                 at += n
 
 
+def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
+    """mmm_packed_sdpa (per-sample slices) equals transformers' block-diagonal-mask SDPA, gradients too."""
+    from mmm.attention import PACKED_SDPA, segment_bounds
+
+    m = tiny_model
+    assert m.llm.config._attn_implementation == PACKED_SDPA
+    batch = collate_packed(_samples(m), context_length=160, pad_id=m.tokenizer.pad_token_id)
+    assert any(len(b) > 1 for b in segment_bounds(batch["position_ids"], len(batch["rows"]), batch["input_ids"].shape[1]))
+    runs = {}
+    try:
+        for impl in (PACKED_SDPA, "sdpa"):
+            m.llm.set_attn_implementation(impl)
+            m.zero_grad()
+            out = m(batch["input_ids"], batch["image_features"], batch["audio_features"],
+                    labels=batch["labels"], position_ids=batch["position_ids"])
+            out.loss.backward()
+            grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]  # projectors: trainable
+            runs[impl] = (out.logits.detach(), grads)
+    finally:
+        m.llm.set_attn_implementation(PACKED_SDPA)
+        m.zero_grad()
+    torch.testing.assert_close(runs[PACKED_SDPA][0], runs["sdpa"][0], atol=1e-4, rtol=0)
+    assert runs["sdpa"][1] and len(runs[PACKED_SDPA][1]) == len(runs["sdpa"][1])
+    for mine, theirs in zip(runs[PACKED_SDPA][1], runs["sdpa"][1]):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_padded_batch_matches_samples_alone(tiny_model):
     m = tiny_model
     samples = _samples(m, 3)
