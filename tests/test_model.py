@@ -1,5 +1,7 @@
 """The core model: splice parity with Llava, rendering, token counts, freezing, round trips."""
 
+import copy
+
 import pytest
 import torch
 
@@ -14,8 +16,10 @@ def test_llava_parity(tiny_model):
 
     m = tiny_model
     pad = m.pad_ids[IMAGE]
+    # copies: Llava sets its own attention implementation on the configs it is given, and the
+    # session's model must keep its own
     cfg = LlavaConfig(
-        vision_config=m.vision.tower.config, text_config=m.llm.config, image_token_index=pad,
+        vision_config=copy.deepcopy(m.vision.tower.config), text_config=copy.deepcopy(m.llm.config), image_token_index=pad,
         vision_feature_select_strategy="full", vision_feature_layer=m.config.vision.select_layer,
     )
     llava = LlavaForConditionalGeneration(cfg).eval()
