@@ -70,30 +70,31 @@ def caption_rows(media: pa.Table) -> list[dict]:
 
 
 def read_media(cfg: TrainConfig) -> pa.Table:
-    from pipelines.storage import read_parquet
-
-    if not cfg.data.media:
-        raise ValueError("stage 1 reads caption/transcript pairs from the media table: set data.media=ROOT/media.parquet")
-    fs, path = _storage(cfg).filesystem(cfg.data.media)
-    table = read_parquet(fs, path)
-    if table is None:
-        raise FileNotFoundError(f"data.media {cfg.data.media} does not exist (run jobs/features.py first)")
-    return table
+    return _read_table(
+        cfg, cfg.data.media, "stage 1 reads caption/transcript pairs from the media table: set data.media=ROOT/media.parquet",
+        f"data.media {cfg.data.media} does not exist (run jobs/features.py first)")
 
 
 def read_dialogues(cfg: TrainConfig, split: str, columns: list[str] | None = None) -> pa.Table:
     """The dialogue rows of one split, read on the driver (eval and the index's id list)."""
-    from pipelines.storage import read_parquet
-
-    if not cfg.data.dialogues:
-        raise ValueError("set data.dialogues=ROOT/dialogues (jobs/synthesize.py writes it)")
-    fs, path = _storage(cfg).filesystem(cfg.data.dialogues)
-    table = read_parquet(fs, path)
-    if table is None:
-        raise FileNotFoundError(f"data.dialogues {cfg.data.dialogues} has no Parquet files")
+    table = _read_table(cfg, cfg.data.dialogues, "set data.dialogues=ROOT/dialogues (jobs/synthesize.py writes it)",
+                        f"data.dialogues {cfg.data.dialogues} has no Parquet files")
     check_columns(table, DIALOGUES, cfg.data.dialogues)
     table = table.filter(pc.equal(table["split"], split))
     return table if columns is None else table.select(columns)
+
+
+def _read_table(cfg: TrainConfig, uri: str | None, unset: str, missing: str) -> pa.Table:
+    """A whole Parquet table (local or s3://), or an error saying which setting is unset or empty."""
+    from pipelines.storage import read_parquet
+
+    if not uri:
+        raise ValueError(unset)
+    fs, path = _storage(cfg).filesystem(uri)
+    table = read_parquet(fs, path)
+    if table is None:
+        raise FileNotFoundError(missing)
+    return table
 
 
 def train_rows(cfg: TrainConfig) -> pa.Table:
