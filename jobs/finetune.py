@@ -18,20 +18,16 @@ Every key of jobs/train_config.py's TrainConfig can be set (``key=value``, or ``
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.stages import parse_args, run
+from jobs import stages
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, resume = parse_args("finetune", argv, __doc__)
-    out = run(cfg, resume)
-    print(json.dumps(out))
-    return out
+    return stages.main("finetune", argv, __doc__)
 
 
 if __name__ == "__main__":

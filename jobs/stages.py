@@ -109,6 +109,14 @@ def parse_args(stage: str, argv: list[str] | None, doc: str) -> tuple[TrainConfi
     return job_config(stage, args.data, args.config, [*args.overrides, *args.extra]), args.resume
 
 
+def main(stage: str, argv: list[str] | None, doc: str) -> dict:
+    """A stage job's whole command line: parse, run, print the summary as one JSON line."""
+    cfg, resume = parse_args(stage, argv, doc)
+    out = run(cfg, resume)
+    print(json.dumps(out))
+    return out
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
