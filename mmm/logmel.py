@@ -6,7 +6,7 @@ frames that see only zeros are known without computing them: their mel energy is
 log clamps to -10 and the dynamic-range floor lifts to (max - 8). So the STFT runs over the real
 samples plus half an FFT of silence, and the rest of the window is filled with that floor. The
 result equals ``WhisperFeatureExtractor`` (torch path, no dither) to float rounding, in a
-fraction of the time for short clips (tested in tests/test_media.py).
+fraction of the time for short clips (tested in tests/test_model.py).
 """
 
 from __future__ import annotations
