@@ -3,8 +3,8 @@
 - pipeline: the Ray Data features pipeline (read + sha256 + validate -> encoder actors -> Parquet parts);
 - bare:     one process, read + decode + batched ``encode`` (torch threads: the faster of 1 and
             every core, measured first): the machine's limit for one process;
-- naive:    one process, one item at a time: read + decode + processor + model (for audio the Hugging
-            Face ``WhisperFeatureExtractor`` over the padded window, for images ``encode([item])``).
+- naive:    one process, one item at a time: read + decode + the Hugging Face processor + model
+            (``SiglipImageProcessor``; ``WhisperFeatureExtractor`` over the padded window).
 
 Usage:
     python bench/features.py [--items 40000] [--modality image|audio] [--batch-size 256] [--actors N]
@@ -116,9 +116,14 @@ def naive_audio(encoder, wave):
     return torch.cat([f[: frames_for(len(w))] for w, f in zip(windows, feats)])
 
 
+def naive_image(encoder, image):
+    """What a straightforward script does per image: the Hugging Face processor, then the model."""
+    return encoder(encoder.processor(images=[image], return_tensors="pt")["pixel_values"])[0]
+
+
 def naive(paths: list[Path], modality: str) -> dict:
     encoder, decode = _encoder(modality)
-    encode_one = (lambda item: encoder.encode([item])[0]) if modality == IMAGE else (lambda w: naive_audio(encoder, w))
+    encode_one = (lambda item: naive_image(encoder, item)) if modality == IMAGE else (lambda w: naive_audio(encoder, w))
     start, marks = time.time(), []
     for p in paths:
         feat = encode_one(decode(p.read_bytes()))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import logmel
+from . import logmel, pixels
 from .config import (
     ENCODER_FRAMES_PER_SECOND,
     SAMPLE_RATE,
@@ -95,8 +95,11 @@ class VisionEncoder(nn.Module):
         self.name = f"siglip:{encoder_id(cfg, seed)}:layer{cfg.select_layer}"
 
     def preprocess(self, images) -> torch.Tensor:
-        """PIL images -> (B, 3, H, W) pixel values."""
-        return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """PIL images -> (B, 3, H, W) pixel values: the processor's, batched where that is exact."""
+        images = list(images)
+        if pixels.supports(self.processor, images):
+            return pixels.pixel_values(self.processor, images)
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -174,3 +174,28 @@ def test_log_mel_shortcut_equals_whisper_extractor(window_seconds):
     assert logmel.supports(encoder.extractor)
     got = logmel.log_mel(encoder.extractor, clips, n)
     torch.testing.assert_close(got, expected["input_features"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("image_size", [32, 48])
+def test_batched_pixels_equal_siglip_processor(image_size):
+    """The batched preprocessing gives the SigLIP processor's own pixel values (resized or not)."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from mmm import pixels
+    from mmm.config import preset
+    from mmm.encoders import VisionEncoder
+
+    encoder = VisionEncoder(dataclasses.replace(preset("tiny").vision, image_size=image_size))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (48, 48), (20, 70), (97, 31))]
+    images.append(image())
+    expected = encoder.processor(images=images, return_tensors="pt")["pixel_values"]
+    assert pixels.supports(encoder.processor, images)
+    torch.testing.assert_close(pixels.pixel_values(encoder.processor, images), expected, atol=1e-6, rtol=0)
+    # Other modes keep the processor's path (it composites alpha onto white first).
+    rgba = [images[0].convert("RGBA")]
+    assert not pixels.supports(encoder.processor, rgba)
+    torch.testing.assert_close(encoder.preprocess(rgba), encoder.processor(images=rgba, return_tensors="pt")["pixel_values"])
