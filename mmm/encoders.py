@@ -66,13 +66,12 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, seed: int = 0, weights: str | None = None):
         """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model)."""
         super().__init__()
-        from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipVisionConfig, SiglipVisionModel
 
         self.cfg = cfg
         source = weights or cfg.pretrained
         if source:
             self.tower = load_pretrained(SiglipVisionModel.from_pretrained, source, "vision")
-            self.processor = load_pretrained(SiglipImageProcessorPil.from_pretrained, source, "image processor")
         else:
             torch.manual_seed(seed)
             self.tower = SiglipVisionModel(
@@ -86,8 +85,7 @@ class VisionEncoder(nn.Module):
                     vision_use_head=False,  # the pooled head is unused: we keep every patch
                 )
             )
-            size = {"height": cfg.image_size, "width": cfg.image_size}
-            self.processor = SiglipImageProcessorPil(size=size)
+        self.processor = image_processor(cfg, weights)
         _freeze(self.tower)
         tc = self.tower.config
         self.hidden_size = tc.hidden_size
@@ -95,11 +93,8 @@ class VisionEncoder(nn.Module):
         self.name = f"siglip:{encoder_id(cfg, seed)}:layer{cfg.select_layer}"
 
     def preprocess(self, images) -> torch.Tensor:
-        """PIL images -> (B, 3, H, W) pixel values: the processor's, batched where that is exact."""
-        images = list(images)
-        if pixels.supports(self.processor, images):
-            return pixels.pixel_values(self.processor, images)
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        """PIL images -> (B, 3, H, W) pixel values, equal to the processor's (see mmm.pixels)."""
+        return pixels.pixel_values(self.processor, images)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -112,9 +107,24 @@ class VisionEncoder(nn.Module):
         """PIL images -> one (N_patches, Dv) float32 tensor each."""
         if not len(images):
             return []
+        return self.encode_pixels(pixels.resize(self.processor, images))
+
+    def encode_pixels(self, resized: np.ndarray) -> list[torch.Tensor]:
+        """(B, H, W, 3) uint8 from ``pixels.resize`` -> one (N_patches, Dv) float32 tensor each."""
         device = next(self.tower.parameters()).device
-        feats = self(self.preprocess(images).to(device)).float().cpu()
+        feats = self(pixels.normalize(self.processor, torch.from_numpy(resized).to(device))).float().cpu()
         return list(feats.unbind(0))
+
+
+def image_processor(cfg: VisionConfig, weights: str | None = None):
+    """The SigLIP image processor of a vision config, without building the tower: what a CPU decode
+    stage needs to resize images for the encoder (``weights`` as in :class:`VisionEncoder`)."""
+    from transformers import SiglipImageProcessorPil
+
+    source = weights or cfg.pretrained
+    if source:
+        return load_pretrained(SiglipImageProcessorPil.from_pretrained, source, "image processor")
+    return SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
 
 
 def frames_for(num_samples: int) -> int:

@@ -2,7 +2,10 @@
 
 One streaming Ray Data pass::
 
-    uris -> [ReadBytes -> Validate] -> EncodeMedia (actors, CPU or GPU) -> WriteFeatures -> results
+    uris -> [ReadBytes -> Decode] -> EncodeMedia (actors, CPU or GPU) -> WriteFeatures -> results
+
+Decode runs on CPU actors and hands the encoders their input (resized uint8 pixels, 16 kHz
+samples), so each file is decoded once and the encoder actors only normalise and run the towers.
 
 The small per-item results (no bytes, no tensors) come back to the driver, which writes
 ``<out>/media.parquet`` (MEDIA) and ``<out>/errors.parquet`` (ERRORS); features go to
@@ -21,17 +24,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmm.config import ModelConfig, preset
-from mmm.media import MediaLimits, decode_audio, decode_image
+from mmm.media import MediaLimits
 from mmm.schema import AUDIO, IMAGE, encode_tensor
 
-from .ingest import ROW, ReadBytes, Validate, errors_table, media_table, read_source, unique_uris
+from .ingest import ROW, Decode, ReadBytes, encoder_inputs, errors_table, media_table, read_source, unique_uris
 from .runtime import Chain, PoolConfig, RayConfig, require, set_torch_threads
 from .storage import StorageConfig, join, write_parquet_atomic
 from .store import FEATURES_DIR, FeatureStore
 
-# What EncodeMedia emits: the ingest row without its bytes, plus the feature columns.
+# What EncodeMedia emits: the ingest row without its bytes or input, plus the feature columns.
 ENCODED = pa.schema(
-    [f for f in ROW if f.name != "bytes"]
+    [f for f in ROW if f.name not in ("bytes", "input", "input_shape")]
     + [
         ("status", pa.string()),
         ("encoder", pa.string()),
@@ -52,7 +55,7 @@ class FeaturesConfig:
     preset: str = "tiny"
     """Model preset whose frozen encoders make the features (their names key the store)."""
     ingest: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=64, num_cpus=0.25))
-    """Read + hash + validate, chained in one light actor: decoding PNG/WAV keeps up with the encoders."""
+    """Read + hash + decode (+ resize images for the encoder), chained in one light CPU actor."""
     encode: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=2, batch_size=64, num_cpus=0.5))
     """The encoder pool: on a GPU cluster set num_gpus=1 and concurrency = number of GPUs."""
     write: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=512, num_cpus=0.25))
@@ -66,16 +69,12 @@ class FeaturesConfig:
             raise ValueError("features needs a source: a manifest, a folder or an s3:// prefix")
 
 
-def _decode(modality: str, data: bytes, limits: MediaLimits, name: str):
-    return decode_image(data, limits, name) if modality == IMAGE else decode_audio(data, limits, name)
-
-
 class EncodeMedia:
     """Frozen encoders, loaded once per actor; skips ids the store already holds for them."""
 
-    NEEDS = ("uri", "modality", "media_id", "bytes", "error")
+    NEEDS = ("uri", "modality", "media_id", "input", "input_shape", "error")
 
-    def __init__(self, model: ModelConfig, store_uri: str, storage: StorageConfig, limits: MediaLimits, num_cpus: float):
+    def __init__(self, model: ModelConfig, store_uri: str, storage: StorageConfig, num_cpus: float):
         import torch
 
         from mmm.encoders import build_encoders
@@ -84,7 +83,6 @@ class EncodeMedia:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         vision, audio = build_encoders(model)
         self.encoders = {IMAGE: vision.to(device), AUDIO: audio.to(device)}
-        self.limits = limits
         index = FeatureStore(store_uri, storage).index()
         self.done = {
             m: set(index.filter(pc.equal(index["encoder"], enc.name))["media_id"].to_pylist())
@@ -109,7 +107,7 @@ class EncodeMedia:
                         todo[ids[i]] = i
             self._encode(encoder, modality, batch, list(todo.values()), out)
             self.done[modality].update(ids[i] for i in todo.values() if out["status"][i] == "encoded")
-        table = batch.drop_columns([c for c in ("bytes", *out) if c in batch.column_names])
+        table = batch.drop_columns([c for c in ("bytes", "input", "input_shape", *out) if c in batch.column_names])
         for name, values in out.items():
             table = table.append_column(ENCODED.field(name), pa.array(values, ENCODED.field(name).type))
         return table.select(ENCODED.names).cast(ENCODED)
@@ -117,12 +115,12 @@ class EncodeMedia:
     def _encode(self, encoder, modality: str, batch: pa.Table, rows: list[int], out: dict) -> None:
         if not rows:
             return
-        data, uris = batch["bytes"], batch["uri"]
-        items = [_decode(modality, data[i].as_py(), self.limits, uris[i].as_py()) for i in rows]
+        inputs = encoder_inputs(batch, rows, modality)
+        run = encoder.encode_pixels if modality == IMAGE else encoder.encode
         try:
-            feats = encoder.encode(items)
+            feats = run(inputs)
         except Exception:  # isolate the item that breaks the batch; the others still get encoded
-            feats = [self._encode_one(encoder, item, i, out) for item, i in zip(items, rows)]
+            feats = [self._encode_one(run, inputs[k : k + 1], i, out) for k, i in enumerate(rows)]
         for i, feat in zip(rows, feats):
             if feat is None:
                 continue
@@ -131,9 +129,9 @@ class EncodeMedia:
             out["encoder"][i], out["status"][i] = encoder.name, "encoded"
 
     @staticmethod
-    def _encode_one(encoder, item, i: int, out: dict):
+    def _encode_one(run, one_input, i: int, out: dict):
         try:
-            return encoder.encode([item])[0]
+            return run(one_input)[0]
         except Exception as e:
             out["status"][i], out["stage"][i], out["error"][i] = "error", "encode", f"{type(e).__name__}: {e}"
             return None
@@ -165,9 +163,9 @@ def build_pipeline(cfg: FeaturesConfig, uris: pa.Table, model: ModelConfig):
     blocks = [uris.slice(i, step) for i in range(0, len(uris), step)] or [uris]
     common = {"batch_format": "pyarrow", "zero_copy_batch": True}
     ds = ray.data.from_arrow(blocks)
-    ingest = [(ReadBytes, {"storage": cfg.storage}), (Validate, {"limits": cfg.limits})]
+    ingest = [(ReadBytes, {"storage": cfg.storage}), (Decode, {"limits": cfg.limits, "model": model})]
     ds = ds.map_batches(Chain, fn_constructor_kwargs={"stages": ingest}, **common, **cfg.ingest.options())
-    encode_kwargs = dict(model=model, store_uri=store_uri, storage=cfg.storage, limits=cfg.limits, num_cpus=cfg.encode.num_cpus)
+    encode_kwargs = dict(model=model, store_uri=store_uri, storage=cfg.storage, num_cpus=cfg.encode.num_cpus)
     ds = ds.map_batches(EncodeMedia, fn_constructor_kwargs=encode_kwargs, **common, **cfg.encode.options())
     write_kwargs = {"store_uri": store_uri, "storage": cfg.storage}
     return ds.map_batches(WriteFeatures, fn_constructor_kwargs=write_kwargs, **common, **cfg.write.options())

@@ -9,19 +9,22 @@ Sources (:func:`read_source`):
 - anything else is a folder or prefix: every visible file under it, with no text.
 
 Stages (Ray Data, one class each): :class:`ReadBytes` (uri -> bytes, ``media_id`` = sha256) and
-:class:`Validate` (full decode with :mod:`mmm.media`; size, duration; the reason on failure).
-Rows that fail keep flowing with ``error`` and ``stage`` set, so one pass yields the media table,
-the errors table and (after :mod:`pipelines.features`) the features.
+:class:`Decode` (full decode with :mod:`mmm.media`, which is the validation; size, duration, the
+reason on failure; and the encoder's input, so nothing is decoded twice). Rows that fail keep
+flowing with ``error`` and ``stage`` set, so one pass yields the media table, the errors table
+and (after :mod:`pipelines.features`) the features.
 """
 
 from __future__ import annotations
 
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmm.config import SAMPLE_RATE
+from mmm import pixels
+from mmm.config import SAMPLE_RATE, ModelConfig
 from mmm.media import MediaError, MediaLimits, decode_audio, decode_image, media_id, sniff_modality
 from mmm.schema import AUDIO, ERRORS, IMAGE, MEDIA
 
@@ -40,6 +43,10 @@ ROW = pa.schema(
         ("media_id", pa.string()),
         ("bytes", pa.binary()),
         ("num_bytes", pa.int64()),
+        # After Decode: the encoder's input as raw array bytes (images: uint8 (H, W, 3) already
+        # resized for the vision encoder; audio: float32 16 kHz mono samples), and its shape.
+        ("input", pa.binary()),
+        ("input_shape", pa.list_(pa.int32())),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("duration_s", pa.float32()),
@@ -146,13 +153,21 @@ def guess_modality(uri: str, data: bytes, hint: str | None) -> str | None:
     return sniff_modality(data)
 
 
-class Validate:
-    """Decode every item fully (what the encoders will see); record size/duration or the reason."""
+class Decode:
+    """Decode every item fully (the validation: what the encoders will see); record size/duration
+    or the reason; hand on the encoder's input in place of the file's bytes.
+
+    Decoding once here, on a CPU stage, and sending the encoder its input is the batch-inference
+    shape a GPU cluster wants: the encoder actors only normalise and run the tower, and images
+    travel already resized (a 12-megapixel photo becomes SigLIP's 384 x 384 x 3 bytes)."""
 
     NEEDS = ("uri", "modality", "bytes", "error")
 
-    def __init__(self, limits: MediaLimits):
+    def __init__(self, limits: MediaLimits, model: ModelConfig):
+        from mmm.encoders import image_processor
+
         self.limits = limits
+        self.processor = image_processor(model.vision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Column-wise, so the bytes are never copied into Python rows and back (see EncodeMedia).
@@ -160,38 +175,47 @@ class Validate:
         n = len(batch)
         cols = {c: batch[c].to_pylist() if c in batch.column_names else [None] * n
                 for c in ("uri", "modality", "error", "stage", "width", "height", "duration_s")}
-        data, failed = batch["bytes"], set()
+        cols["input"], cols["input_shape"] = [None] * n, [None] * n
+        data = batch["bytes"]
         for i, uri in enumerate(cols["uri"]):
-            if cols["error"][i] is None and not self._check(cols, i, uri, data[i].as_py()):
-                failed.add(i)
-        if failed:  # no bytes travel on for items that failed to decode
-            keep = pa.array([i not in failed for i in range(n)])
-            data = pc.if_else(keep, data, pa.scalar(None, pa.binary()))
+            if cols["error"][i] is None:
+                self._decode(cols, i, uri, data[i].as_py())
         arrays = []
         for f in ROW:
-            if f.name == "bytes":
-                arrays.append(data)
+            if f.name == "bytes":  # the input replaces them: no file travels on to the encoders
+                arrays.append(pa.nulls(n, f.type))
             elif f.name in cols:
                 arrays.append(pa.array(cols[f.name], f.type))
             else:
                 arrays.append(batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(n, f.type))
         return pa.Table.from_arrays(arrays, schema=ROW)
 
-    def _check(self, cols: dict, i: int, uri: str, data: bytes) -> bool:
-        """Decode item ``i``, filling its columns; False (with the reason recorded) when it fails."""
+    def _decode(self, cols: dict, i: int, uri: str, data: bytes) -> None:
+        """Decode item ``i``, filling its columns, or record why it failed."""
         modality = guess_modality(uri, data, cols["modality"][i])
         cols["modality"][i] = modality
         try:
             if modality == IMAGE:
-                cols["width"][i], cols["height"][i] = decode_image(data, self.limits, uri).size
+                image = decode_image(data, self.limits, uri)
+                cols["width"][i], cols["height"][i] = image.size
+                value = pixels.resize(self.processor, [image])[0]
             elif modality == AUDIO:
-                cols["duration_s"][i] = len(decode_audio(data, self.limits, uri)) / SAMPLE_RATE
+                value = decode_audio(data, self.limits, uri)
+                cols["duration_s"][i] = len(value) / SAMPLE_RATE
             else:
                 raise MediaError(uri, "unknown media type (not an image or audio format we decode)")
         except MediaError as e:
             cols["error"][i], cols["stage"][i] = e.reason, "decode"
-            return False
-        return True
+            return
+        cols["input"][i], cols["input_shape"][i] = value.tobytes(), list(value.shape)
+
+
+def encoder_inputs(batch: pa.Table, rows: list[int], modality: str):
+    """Decode's ``input`` of ``rows``: a (B, H, W, 3) uint8 array for images, else a list of waves."""
+    data, shapes = batch["input"], batch["input_shape"]
+    dtype = np.uint8 if modality == IMAGE else np.float32
+    arrays = [np.frombuffer(data[i].as_py(), dtype).reshape(shapes[i].as_py()) for i in rows]
+    return np.stack(arrays) if modality == IMAGE else arrays
 
 
 def media_table(results: pa.Table, source: pa.Table) -> pa.Table:

@@ -85,12 +85,14 @@ def test_feature_shapes_match_the_encoders(root, featured, tiny_model):
         else:
             frames = math.ceil(round(row["duration_s"] * SAMPLE_RATE) * 50 / SAMPLE_RATE)
             assert f.shape == (frames, cfg.audio.d_model)
-    # The stored (half precision) tensor is what the frozen encoder computes for that file.
-    from mmm.media import decode_image
+    # The stored (half precision) tensor is what the frozen encoder computes for that file
+    # (the pipeline decodes once and hands the encoder resized pixels or samples).
+    from mmm.media import decode_audio, decode_image
 
-    first = next(r for r in media.to_pylist() if r["modality"] == IMAGE)
-    direct = tiny_model.encode_media(IMAGE, [decode_image(Path(first["uri"]).read_bytes())])[0].numpy()
-    assert abs(direct - feats[first["media_id"]]).max() < 1e-2 * max(1.0, abs(direct).max())
+    for modality, decode in ((IMAGE, decode_image), (AUDIO, decode_audio)):
+        first = next(r for r in media.to_pylist() if r["modality"] == modality)
+        direct = tiny_model.encode_media(modality, [decode(Path(first["uri"]).read_bytes())])[0].numpy()
+        assert abs(direct - feats[first["media_id"]]).max() < 1e-2 * max(1.0, abs(direct).max())
 
 
 def test_corrupt_and_missing_files_land_in_errors_and_the_rest_is_written(root, featured):
