@@ -38,9 +38,18 @@ def resize(processor, images) -> np.ndarray:
     if not supports(processor, images):  # the processor's own path, stopped before the float steps
         out = processor(images=images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
         return np.ascontiguousarray(np.rint(out).astype(np.uint8).transpose(0, 2, 3, 1))
+    return np.stack([_resized(processor, im) for im in images])
+
+
+def resize_one(processor, image) -> np.ndarray:
+    """One PIL image -> (H, W, 3) uint8, as ``resize(processor, [image])[0]`` (no stacking copy)."""
+    return _resized(processor, image) if supports(processor, [image]) else resize(processor, [image])[0]
+
+
+def _resized(processor, image) -> np.ndarray:
     target = (processor.size.width, processor.size.height)
     # PIL returns a copy for a same-size resize, so skipping it changes nothing.
-    return np.stack([np.asarray(im if im.size == target else im.resize(target, processor.resample)) for im in images])
+    return np.asarray(image if image.size == target else image.resize(target, processor.resample))
 
 
 def normalize(processor, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
