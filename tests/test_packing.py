@@ -64,6 +64,24 @@ def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
+def test_sample_bounds_are_worked_out_once_per_forward(tiny_model, monkeypatch):
+    """Every layer gets the same position_ids; the bounds (a host sync on a GPU) are found once."""
+    from mmm import attention
+
+    m, calls = tiny_model, []
+    real = attention.segment_bounds
+    monkeypatch.setattr(attention, "segment_bounds", lambda *a: calls.append(1) or real(*a))
+    batch = collate_packed(_samples(m), context_length=160, pad_id=m.tokenizer.pad_token_id)
+    assert m.llm.config.num_hidden_layers > 1
+    with torch.no_grad():
+        first = m(batch["input_ids"], batch["image_features"], batch["audio_features"], position_ids=batch["position_ids"]).logits
+        assert len(calls) == 1
+        again = m(batch["input_ids"], batch["image_features"], batch["audio_features"],
+                  position_ids=batch["position_ids"].clone()).logits  # a new tensor: worked out anew
+    assert len(calls) == 2
+    torch.testing.assert_close(first, again)
+
+
 def test_padded_batch_matches_samples_alone(tiny_model):
     m = tiny_model
     samples = _samples(m, 3)
