@@ -73,7 +73,7 @@ class Chain:
     """Several light stages run one after another in the same actor.
 
     Ray Data never fuses two actor pools, and each pool costs processes and a hop through the
-    object store; cheap stages (read, validate) are better chained in one actor.
+    object store; cheap stages (read, decode) are better chained in one actor.
     ``stages`` is a list of ``(class, constructor kwargs)``.
     """
 
