@@ -185,7 +185,8 @@ def main(argv=None) -> dict:
             trial["naive"] = naive(paths[: args.naive_items], args.modality)
             for name, r in trial.items():
                 print(f"run {run} {name:9s} {r['items_per_s']:9.1f} items/s", flush=True)
-                paired.get(name, []).append(r["items_per_s"])
+                if name in paired:
+                    paired[name].append(r["items_per_s"])
                 if name not in best or r["items_per_s"] > best[name]["items_per_s"]:
                     best[name] = r
     results = best

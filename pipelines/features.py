@@ -107,7 +107,7 @@ class EncodeMedia:
                         todo[ids[i]] = i
             self._encode(encoder, modality, batch, list(todo.values()), out)
             self.done[modality].update(ids[i] for i in todo.values() if out["status"][i] == "encoded")
-        table = batch.drop_columns([c for c in ("bytes", "input", "input_shape", *out) if c in batch.column_names])
+        table = batch.drop_columns([c for c in out if c in batch.column_names])  # select() drops the rest
         for name, values in out.items():
             table = table.append_column(ENCODED.field(name), pa.array(values, ENCODED.field(name).type))
         return table.select(ENCODED.names).cast(ENCODED)

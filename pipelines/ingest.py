@@ -129,9 +129,7 @@ class ReadBytes:
             "num_bytes": [len(d) if d is not None else None for d in data],
             "stage": ["read" if e is not None else None for e in errors],
         }
-        n = len(uris)
-        return pa.Table.from_arrays([pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type)
-                                     for f in ROW], schema=ROW)
+        return _row_table(cols, len(uris))
 
     def _read(self, uri: str) -> bytes:
         if "://" not in uri:  # a local path: plain open, without fsspec's per-call overhead
@@ -139,6 +137,19 @@ class ReadBytes:
                 return f.read()
         fs, path = self._open(uri)
         return fs.cat_file(path)
+
+
+def _row_table(cols: dict[str, list], n: int, rest: pa.Table | None = None) -> pa.Table:
+    """A ROW table of ``n`` rows: the columns in ``cols``, else ``rest``'s, else nulls."""
+    arrays = []
+    for f in ROW:
+        if f.name in cols:
+            arrays.append(pa.array(cols[f.name], f.type))
+        elif rest is not None and f.name in rest.column_names:
+            arrays.append(rest[f.name].cast(f.type))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=ROW)
 
 
 def _path(uri: str) -> str:
@@ -184,15 +195,8 @@ class Decode:
         for i, uri in enumerate(cols["uri"]):
             if cols["error"][i] is None:
                 self._decode(cols, i, uri, data[i].as_py())
-        arrays = []
-        for f in ROW:
-            if f.name == "bytes":  # the input replaces them: no file travels on to the encoders
-                arrays.append(pa.nulls(n, f.type))
-            elif f.name in cols:
-                arrays.append(pa.array(cols[f.name], f.type))
-            else:
-                arrays.append(batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(n, f.type))
-        return pa.Table.from_arrays(arrays, schema=ROW)
+        cols["bytes"] = [None] * n  # the input replaces them: no file travels on to the encoders
+        return _row_table(cols, n, batch)
 
     def _decode(self, cols: dict, i: int, uri: str, data: bytes) -> None:
         """Decode item ``i``, filling its columns, or record why it failed."""
