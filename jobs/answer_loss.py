@@ -31,8 +31,9 @@ class AnswerLoss(nn.Module):
     def forward(self, input_ids, labels, image_features=(), audio_features=(), position_ids=None, attention_mask=None):
         """(B, L) ids and labels -> ``.loss``: mean cross-entropy over the labelled next tokens."""
         llm = self.model.llm
-        embeds = self.model.embed(input_ids, image_features, audio_features)  # (B, L, D)
-        hidden = llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+        embeds = self.model.embed(input_ids, image_features, audio_features, position_ids)  # (B, L, D)
+        positions = self.model.lm_positions(input_ids, position_ids, attention_mask)
+        hidden = llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                                    use_cache=False).last_hidden_state  # (B, L, D)
         target = labels[:, 1:]  # (B, L-1): token t predicts t+1
         keep = target != IGNORE_INDEX

@@ -3,7 +3,8 @@
     <dir>/mmm.json             {"format": 1, "phase": ..., "config": ModelConfig as dict}
     <dir>/llm/                 the causal LM (save_pretrained; LoRA merged in on save)
     <dir>/vision/, <dir>/audio/   the frozen encoders and their processors
-    <dir>/projectors.safetensors  both projectors, with their feature-standardisation buffers
+    <dir>/projectors.safetensors  both projectors, with their feature-standardisation buffers,
+                               and the item-number vectors where the config has them
     <dir>/tokenizer/           the tokenizer with MMM's tokens and chat template
 
 Phases are named so a stage refuses a checkpoint of the wrong phase with a clear message
@@ -38,8 +39,7 @@ def save(model, path: str, phase: str) -> None:
     model.audio.encoder.save_pretrained(os.path.join(path, "audio"))
     model.audio.extractor.save_pretrained(os.path.join(path, "audio"))
     model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    state = {f"vision_projector.{k}": v for k, v in model.vision_projector.state_dict().items()}
-    state |= {f"audio_projector.{k}": v for k, v in model.audio_projector.state_dict().items()}
+    state = {f"{name}.{k}": v for name, part in model.projector_parts().items() for k, v in part.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, "projectors.safetensors"))
     with open(os.path.join(path, META), "w") as f:  # written last: its presence means complete
         json.dump({"format": FORMAT, "phase": phase, "config": model.config.to_dict()}, f, indent=2)
@@ -82,9 +82,9 @@ def load(cls, path: str, expect_phase=None):
     audio = AudioEncoder(config.audio, config.seed, weights=os.path.join(local, "audio"))
     model = cls(config, tokenizer, vision, audio, llm, phase=meta["phase"])
     state = load_file(os.path.join(local, "projectors.safetensors"))
-    for name in ("vision_projector", "audio_projector"):
+    for name, part in model.projector_parts().items():
         prefix = name + "."
-        getattr(model, name).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return model
 
 

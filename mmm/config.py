@@ -84,6 +84,10 @@ class ProjectorConfig:
     downsampler that keeps token counts exactly proportional to duration."""
     audio_hidden: int | None = None
     """Hidden width of the audio projector; None uses the LM's width."""
+    item_ordinals: int = 0
+    """Learned item-number vectors added to each span (1st image, 2nd image, ...; items past this
+    many share the last), trained with the projectors; see mmm/spans.py. 0 (off) keeps LLaVA's
+    architecture: a pretrained LM reads the "Image 2:" labels itself. The tiny preset uses 8."""
 
 
 @dataclass
@@ -103,11 +107,22 @@ class LLMConfig:
     attention: str = "mmm_packed_sdpa"
     """How the LM attends. The default runs each packed sample's slice with causal SDPA (no L x L
     mask; see mmm/attention.py); any transformers name ("sdpa", "flash_attention_2", ...) also works."""
+    shared_span_positions: bool = False
+    """Give every token of a media span its first token's RoPE position (mmm/spans.py). Off keeps
+    the LM's own positions; the tiny preset turns it on. Needs the packed attention: stock
+    transformers reads a non-increasing step in ``position_ids`` as the start of a new sample."""
     lora_r: int = 16
     """LoRA rank when stage 2 trains adapters instead of the full LM (peft's common default)."""
     lora_alpha: int = 32
     lora_targets: str = "all-linear"
     """peft's shorthand for every linear layer but the output head (QLoRA's recommendation)."""
+
+    def __post_init__(self) -> None:
+        if self.shared_span_positions and self.attention != "mmm_packed_sdpa":
+            raise ValueError(
+                f"llm.shared_span_positions needs llm.attention='mmm_packed_sdpa', not {self.attention!r}: "
+                "transformers' own attention would split each media span into one-token samples"
+            )
 
 
 @dataclass
@@ -161,7 +176,13 @@ def _dataclass_type(annotation: Any, owner: type) -> type | None:
 
 
 def _tiny() -> ModelConfig:
-    return ModelConfig(preset="tiny", audio=AudioConfig(window_seconds=5.0))
+    # The two binding aids (mmm/spans.py): a from-scratch LM needs them to tell items apart
+    return ModelConfig(
+        preset="tiny",
+        audio=AudioConfig(window_seconds=5.0),
+        projector=ProjectorConfig(item_ordinals=8),
+        llm=LLMConfig(shared_span_positions=True),
+    )
 
 
 def _tinyllama() -> ModelConfig:

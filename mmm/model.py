@@ -4,6 +4,8 @@ Text marks each media item with ``<image>`` / ``<audio>`` + N placeholders + the
 :meth:`MMMModel.embed` fills the placeholders with projected features via ``masked_scatter``.
 Training feeds precomputed features, serving computes them with :meth:`encode_media`; both
 go through ``embed``. Stage 1 and stage 2 differ only in :meth:`set_trainable` flags.
+Two optional aids for an LM learning from scratch which span "image 2" names (item-number vectors,
+one position per span; the tiny preset turns both on) are explained in mmm/spans.py.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from .attention import PACKED_SDPA, register as register_attention
 from .chat import PlaceholderMismatchError, Rendered, render
 from .config import ModelConfig
 from .encoders import build_encoders, load_pretrained
-from .projectors import AudioProjector, VisionProjector
-from .schema import AUDIO, IMAGE
-from .tokenizer import AUDIO_PAD, IMAGE_PAD, load_tokenizer, stop_token_ids
+from .projectors import AudioProjector, ItemOrdinals, VisionProjector
+from .schema import AUDIO, IMAGE, MODALITIES
+from .spans import default_positions, item_numbers, shared_span_positions
+from .tokenizer import AUDIO_PAD, AUDIO_START, IMAGE_PAD, IMAGE_START, load_tokenizer, stop_token_ids
 
 
 def build_llm(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -57,7 +60,9 @@ class MMMModel(nn.Module):
         p = config.projector
         self.vision_projector = VisionProjector(vision.hidden_size, d, p.vision_hidden, vision.num_patches)
         self.audio_projector = AudioProjector(audio.hidden_size, d, p.audio_hidden, p.audio_stride, audio.positions)
+        self.item_ordinals = ItemOrdinals(MODALITIES, p.item_ordinals, d) if p.item_ordinals else None
         self.pad_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in ((IMAGE, IMAGE_PAD), (AUDIO, AUDIO_PAD))}
+        self.open_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in ((IMAGE, IMAGE_START), (AUDIO, AUDIO_START))}
         self.stop_ids = stop_token_ids(tokenizer)
         self.set_trainable(projectors=True, llm=False)
 
@@ -70,6 +75,8 @@ class MMMModel(nn.Module):
         model = cls(config, tokenizer, vision, audio, build_llm(config, len(tokenizer)))
         torch.manual_seed(config.seed + 3)
         model.vision_projector.apply(_reset), model.audio_projector.apply(_reset)
+        if model.item_ordinals is not None:
+            model.item_ordinals.reset_parameters()
         return model
 
     @classmethod
@@ -87,12 +94,19 @@ class MMMModel(nn.Module):
         """Freeze flags: stage 1 is (True, False); stage 2 is (True, True) or (True, "lora")."""
         self.vision.requires_grad_(False)
         self.audio.requires_grad_(False)
-        self.vision_projector.requires_grad_(projectors)
-        self.audio_projector.requires_grad_(projectors)
+        for part in self.projector_parts().values():
+            part.requires_grad_(projectors)
         if llm == "lora":
             self.llm = checkpoint.add_lora(self.llm, self.config)
         else:
             self.llm.requires_grad_(bool(llm))
+
+    def projector_parts(self) -> dict[str, nn.Module]:
+        """What stage 1 trains and the checkpoint keeps beside the LM, by attribute name."""
+        parts = {"vision_projector": self.vision_projector, "audio_projector": self.audio_projector}
+        if self.item_ordinals is not None:
+            parts["item_ordinals"] = self.item_ordinals
+        return parts
 
     # ---- media and text ---------------------------------------------------------------
     def num_media_tokens(self, modality: str, num_frames: int) -> int:
@@ -126,8 +140,10 @@ class MMMModel(nn.Module):
         w = next(proj.parameters())
         return torch.cat([proj(f.to(device=device, dtype=w.dtype)) for f in feats]).to(dtype)
 
-    def embed(self, input_ids: torch.Tensor, image_features=(), audio_features=()) -> torch.Tensor:
-        """(B, L) ids + per-item features in order of appearance -> (B, L, D) input embeddings."""
+    def embed(self, input_ids: torch.Tensor, image_features=(), audio_features=(), position_ids=None) -> torch.Tensor:
+        """(B, L) ids + per-item features in order of appearance -> (B, L, D) input embeddings.
+
+        ``position_ids`` (packed rows: 0 starts each sample) only matter for item numbers."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         for modality, feats in ((IMAGE, list(image_features)), (AUDIO, list(audio_features))):
             projected = self._project(modality, feats, embeds.dtype, embeds.device)  # (N, D)
@@ -137,16 +153,29 @@ class MMMModel(nn.Module):
                     f"{int(mask.sum())} {modality} placeholder tokens but {projected.shape[0]} projected "
                     f"{modality} features ({len(feats)} items)"
                 )
-            if projected.shape[0] == 0:
-                embeds = embeds + 0.0 * _dummy_sum(self._projector(modality))
+            if projected.shape[0] == 0:  # trainable parts stay in the graph: ZeRO waits for each gradient
+                embeds = embeds + 0.0 * _dummy_sum(self._projector(modality), self.item_ordinals)
                 continue
+            if self.item_ordinals is not None:  # row-major, the order masked_scatter fills in
+                numbers = item_numbers(input_ids, self.open_ids[modality], position_ids)[mask]
+                projected = projected + self.item_ordinals(modality, numbers).to(projected.dtype)
             embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), projected)
         return embeds
 
+    def lm_positions(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None):
+        """The ``position_ids`` to give the LM with ``embed``'s output: the caller's (or the LM's
+        default), with each media span sharing one position when ``llm.shared_span_positions``."""
+        if not self.config.llm.shared_span_positions:
+            return position_ids
+        if position_ids is None:
+            position_ids = default_positions(input_ids, attention_mask)
+        return shared_span_positions(input_ids, position_ids, self.pad_ids.values())
+
     def forward(self, input_ids, image_features=(), audio_features=(), labels=None, attention_mask=None, position_ids=None):
-        embeds = self.embed(input_ids, image_features, audio_features)
+        embeds = self.embed(input_ids, image_features, audio_features, position_ids)
         return self.llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, use_cache=False
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False,
+            position_ids=self.lm_positions(input_ids, position_ids, attention_mask),
         )
 
     @torch.no_grad()
@@ -166,8 +195,8 @@ class MMMModel(nn.Module):
         return generate_batch(self, prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed, streamer)
 
 
-def _dummy_sum(module: nn.Module) -> torch.Tensor:
-    return sum(p.sum() for p in module.parameters())
+def _dummy_sum(*modules: nn.Module | None) -> torch.Tensor:
+    return sum(p.sum() for m in modules if m is not None for p in m.parameters())
 
 
 def _reset(m: nn.Module) -> None:

@@ -79,3 +79,25 @@ class AudioProjector(nn.Module):
         x = nn.functional.pad(x, (0, 0, 0, pad))  # (T', Da), zeros after the clip's end
         x = self.conv(x.T.unsqueeze(0)).squeeze(0).T  # (T' / stride, H)
         return self.linear(self.act(x))
+
+
+class ItemOrdinals(nn.Module):
+    """A learned vector per item number and modality (1st image, 2nd image, ..., 1st clip, ...),
+    added to every projected token of that item's span; see mmm/spans.py for why.
+
+    Items past ``limit`` share the last vector. Init std 0.05, the calibration's value (zero and
+    0.5 scored within noise of it).
+    """
+
+    def __init__(self, modalities: tuple[str, ...], limit: int, dim: int):
+        super().__init__()
+        self.modalities, self.limit = modalities, limit
+        self.table = nn.Embedding(len(modalities) * limit, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table.weight, 0.0, 0.05)
+
+    def forward(self, modality: str, numbers: torch.Tensor) -> torch.Tensor:
+        """(N,) 1-based item numbers -> (N, D)."""
+        row = numbers.clamp(1, self.limit) - 1 + self.modalities.index(modality) * self.limit
+        return self.table(row)

@@ -10,11 +10,17 @@ from mmm.chat import IGNORE_INDEX, PlaceholderMismatchError, render
 from mmm.schema import AUDIO, IMAGE
 
 
-def test_llava_parity(tiny_model):
+def test_llava_parity():
     """Image-only input: our logits equal transformers' Llava built from the same weights."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    m = tiny_model
+    from mmm.config import preset
+    from mmm.model import MMMModel
+
+    # LLaVA's architecture: the tiny preset without its binding aids (mmm/spans.py)
+    cfg = preset("tiny")
+    cfg.projector.item_ordinals, cfg.llm.shared_span_positions = 0, False
+    m = MMMModel.build(cfg).eval()
     pad = m.pad_ids[IMAGE]
     # copies: Llava sets its own attention implementation on the configs it is given, and the
     # session's model must keep its own
@@ -92,7 +98,7 @@ def test_stage1_freezing_and_dummy_gradients(tiny_model):
     m = MMMModel.build(preset("tiny"))
     m.set_trainable(projectors=True, llm=False)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("vision_projector.", "audio_projector.")) for n in trainable)
+    assert trainable and all(n.startswith(("vision_projector.", "audio_projector.", "item_ordinals.")) for n in trainable)
     r = m.render([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}], [])
     m(torch.tensor([r.input_ids]), labels=torch.tensor([r.labels])).loss.backward()
     for name, p in m.named_parameters():

@@ -10,7 +10,9 @@ from mmm.schema import AUDIO, IMAGE
 def _samples(m, n=5):
     out = []
     for i in range(n):
-        imgs = m.encode_media(IMAGE, [image((40 * i, 0, 255 - 40 * i))]) if i % 2 == 0 else []
+        # two images in some samples: item numbers must restart with each packed sample
+        imgs = m.encode_media(IMAGE, [image((40 * i, 0, 255 - 40 * i)), image((0, 30 * i, 0))][: 1 + i % 4 // 2]) \
+            if i % 2 == 0 else []
         auds = m.encode_media(AUDIO, [tone(0.5 + i * 0.4, 300 + 100 * i)]) if i % 3 != 1 else []
         content = "<image></image>" * len(imgs) + "<audio></audio>" * len(auds) + " what" + " is it" * i
         msgs = [{"role": "user", "content": content}, {"role": "assistant", "content": "red " * (i + 1)}]
@@ -37,6 +39,32 @@ def test_packed_rows_match_samples_alone(tiny_model):
                 at += n
 
 
+def test_item_numbers_and_shared_positions_follow_packed_samples():
+    from mmm.spans import item_numbers, shared_span_positions
+
+    # two samples packed in one row, then trailing pad; 5 = <image>, 9 = its placeholder, 6 = </image>
+    ids = torch.tensor([[1, 5, 9, 9, 6, 5, 9, 9, 6, 1, 5, 9, 6, 0]])
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 0]])
+    assert item_numbers(ids, 5, pos).tolist() == [[0, 1, 1, 1, 1, 2, 2, 2, 2, 0, 1, 1, 1, 0]]
+    assert item_numbers(ids, 5).tolist() == [[0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3]]  # one sample per row
+    assert shared_span_positions(ids, pos, [9]).tolist() == [[0, 1, 2, 2, 4, 5, 6, 6, 8, 0, 1, 2, 3, 0]]
+
+
+def test_tiny_preset_gives_each_item_its_number_and_span_one_position(tiny_model):
+    m = tiny_model
+    feats = m.encode_media(IMAGE, [image((255, 0, 0))] * 2)
+    ids = torch.tensor([m.render([{"role": "user", "content": "<image></image> <image></image>"}], feats).input_ids])
+    spans = (ids == m.pad_ids[IMAGE])[0].nonzero().flatten()
+    first, second = spans[:16], spans[16:]
+    positions = m.lm_positions(ids)[0]
+    assert positions[first].unique().tolist() == [int(first[0])] and positions[second].unique().tolist() == [int(second[0])]
+    with torch.no_grad():
+        embeds = m.embed(ids, feats)[0]
+    # the same image twice: its two spans differ by exactly the two item-number vectors
+    table = m.item_ordinals.table.weight
+    torch.testing.assert_close(embeds[second] - embeds[first], (table[1] - table[0]).expand(16, -1), atol=1e-5, rtol=0)
+
+
 def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
     """mmm_packed_sdpa (per-sample slices) equals transformers' block-diagonal-mask SDPA, gradients too."""
     from mmm.attention import PACKED_SDPA, segment_bounds
@@ -46,6 +74,8 @@ def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
     batch = collate_packed(_samples(m), context_length=160, pad_id=m.tokenizer.pad_token_id)
     assert any(len(b) > 1 for b in segment_bounds(batch["position_ids"], len(batch["rows"]), batch["input_ids"].shape[1]))
     runs = {}
+    # transformers reads the equal positions of a shared span as sample starts: compare without them
+    m.config.llm.shared_span_positions = False
     try:
         for impl in (PACKED_SDPA, "sdpa"):
             m.llm.set_attn_implementation(impl)
@@ -57,6 +87,7 @@ def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
             runs[impl] = (out.logits.detach(), grads)
     finally:
         m.llm.set_attn_implementation(PACKED_SDPA)
+        m.config.llm.shared_span_positions = True
         m.zero_grad()
     torch.testing.assert_close(runs[PACKED_SDPA][0], runs["sdpa"][0], atol=1e-4, rtol=0)
     assert runs["sdpa"][1] and len(runs[PACKED_SDPA][1]) == len(runs["sdpa"][1])

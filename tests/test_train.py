@@ -187,7 +187,8 @@ def test_stage1_trains_only_the_projectors_and_stores_feature_statistics(stage1,
     trained = MMMModel.from_pretrained(str(stage1.final), expect_phase="stage1")
     for part in ("llm", "vision", "audio"):
         assert _equal(_state(getattr(fresh, part)), _state(getattr(trained, part))), f"stage 1 changed the {part}"
-    for proj in ("vision_projector", "audio_projector"):
+    assert set(fresh.projector_parts()) == {"vision_projector", "audio_projector", "item_ordinals"}
+    for proj in fresh.projector_parts():
         before, after = _state(getattr(fresh, proj)), _state(getattr(trained, proj))
         weights = [k for k in before if not k.startswith("norm.")]
         assert all(not torch.equal(before[k], after[k]) for k in weights), f"{proj} did not train"
@@ -211,8 +212,9 @@ def test_stage2_starts_from_stage1_and_mixed_modality_ranks_finish(stage1, stage
     start = unwrap(stages.build_model(stages.absolute_paths(stage2.cfg)))  # exactly what each stage-2 worker builds
     torch.set_num_threads(threads)
     s2 = MMMModel.from_pretrained(str(stage2.final), expect_phase="stage2")
-    for proj in ("vision_projector", "audio_projector"):
+    for proj in s1.projector_parts():
         assert _equal(_state(getattr(s1, proj)), _state(getattr(start, proj))), f"stage 2 did not start from stage 1's {proj}"
+    for proj in ("vision_projector", "audio_projector"):
         for buf in ("norm.mean", "norm.std"):  # statistics travel unchanged to the final model
             assert torch.equal(getattr(s1, proj).state_dict()[buf], getattr(s2, proj).state_dict()[buf])
         assert not torch.equal(getattr(s1, proj).state_dict()["linear_1.weight" if proj[0] == "v" else "conv.weight"],
