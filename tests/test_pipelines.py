@@ -175,6 +175,32 @@ def test_offline_generation_is_deterministic_for_a_seed():
     assert [gen.dialogue(i) for i in range(30)] == [gen.dialogue(i) for i in range(30)]
 
 
+def test_recall_drills_ask_about_an_earlier_item_in_train_only():
+    import re
+
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import DialogueConfig, OfflineDialogues
+    from pipelines.synth.words import label
+
+    pool = {k: [(f"{k}{i}", make_item(0, k, i)[1]) for i in range(6)] for k in (IMAGE, AUDIO)}
+    make = lambda rate: OfflineDialogues({"train": pool, "eval": pool}, DialogueConfig(num_dialogues=200, recall_rate=rate), seed=7)  # noqa: E731
+    plain, drilled = make(0.0), make(0.5)
+    assert [plain.dialogue(i) for i in range(drilled.n_eval)] == [drilled.dialogue(i) for i in range(drilled.n_eval)]
+    drills = 0
+    for i in range(drilled.n_eval, 200):
+        d = drilled.dialogue(i)
+        if drilled._recall_kind(i) is None:
+            assert d == plain.dialogue(i)  # the other train dialogues do not move
+            continue
+        drills += 1
+        modality = IMAGE if d["kind"] == "multi_image" else AUDIO
+        shown = sum(m["content"].count(f"<{modality}>") for m in d["messages"])
+        question = d["messages"][-2]["content"].split("\n")[-1].lower()
+        asked = [k for k in range(1, shown + 1) if re.search(rf"\b{label(modality, k, d['lang'])}\b", question)]
+        assert asked and max(asked) < shown, (question, shown)
+    assert 60 <= drills <= 120  # about half of 180 train dialogues
+
+
 @pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng is not installed")
 def test_spoken_words_decode_as_audio():
     from mmm.media import decode_audio

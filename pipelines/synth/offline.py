@@ -3,9 +3,10 @@
 Dialogue ``i`` is built from an RNG seeded by ``(seed, i)``: the output does not depend on how
 Ray splits the work, and 100k dialogues are a few seconds of pure Python spread over actors.
 Its kind cycles through the five kinds and its language alternates every five dialogues, so any
-run of 10 consecutive dialogues holds every kind in both languages. The first ``eval_fraction``
+run of 10 consecutive eval dialogues holds every kind in both languages. The first ``eval_fraction``
 of dialogues are ``eval`` and use only eval media; media are split by index before any dialogue
-is made, so no eval item ever appears in a train dialogue.
+is made, so no eval item ever appears in a train dialogue. A ``recall_rate`` share of train
+dialogues are recall drills (see :class:`DialogueConfig`); the eval split never has any.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class DialogueConfig:
     """Share of single-item questions that state a fact and ask yes/no."""
     speech_rate: float = 0.3
     """Share of audio_instruction dialogues about a spoken word, when speech clips exist."""
+    recall_rate: float = 0.15
+    """Share of train dialogues made as recall drills: multi-image or multi-audio dialogues whose
+    last turn asks about an item shown before the latest one. Elsewhere a turn that shows an item
+    usually asks about it, so a from-scratch LM learns to answer about the latest item. Measured on
+    the tiny preset: 15% lifted the overall score most; 30% traded the latest item's questions away.
+    Train split only: the eval split keeps the natural mix."""
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=2, batch_size=1000, num_cpus=0.5))
     """Dialogue-making actors: pure Python, ~0.15 ms a dialogue, so 1000 per call amortises Ray."""
 
@@ -77,8 +84,10 @@ class OfflineDialogues:
         rng = random.Random(f"{self.seed}:dialogue:{index}")
         kind, lang = KINDS[index % len(KINDS)], LANGS[(index // len(KINDS)) % len(LANGS)]
         split = "eval" if index < self.n_eval else "train"
+        recall = split == "train" and self._recall_kind(index)
+        kind = recall or kind
         items = self._pick(kind, self.pools[split], rng)
-        messages, media_ids = self._turns(kind, items, lang, rng)
+        messages, media_ids = self._turns(kind, items, lang, rng, bool(recall))
         return {
             "dialogue_id": f"{SOURCE}-s{self.seed}-{index:07d}",
             "kind": kind,
@@ -88,6 +97,14 @@ class OfflineDialogues:
             "split": split,
             "source": SOURCE,
         }
+
+    def _recall_kind(self, index: int) -> str | None:
+        """The multi-item kind of a recall drill, or None; its own RNG, so the other dialogues are
+        the same whatever the rate."""
+        rng = random.Random(f"{self.seed}:recall:{index}")
+        if rng.random() >= self.cfg.recall_rate:
+            return None
+        return rng.choice(("multi_image", "multi_audio"))
 
     def _pick(self, kind: str, pool: dict, rng: random.Random) -> list[Q.Item]:
         if kind == "visual_context":
@@ -104,18 +121,23 @@ class OfflineDialogues:
             chosen = [(m, x) for x in rng.sample(pool[m], n)]
         return [Q.Item(media_id=mid, kind=k, facts=facts, ref={}) for k, (mid, facts) in chosen]
 
-    def _turns(self, kind: str, items: list[Q.Item], lang: str, rng: random.Random):
+    def _turns(self, kind: str, items: list[Q.Item], lang: str, rng: random.Random, recall: bool = False):
         multi = kind in ("multi_image", "multi_audio")
         for k, it in enumerate(items, start=1):
             it.ref = {lg: label(it.modality, k, lg) if multi else SINGLE_REF[lg][it.modality] for lg in LANGS}
         turns = rng.randint(1, self.cfg.max_turns)
         staggered = multi and turns >= len(items) and rng.random() < 0.5
+        if recall and staggered and turns == len(items):
+            # a drill asks after its last item is shown, never in the turn that shows it: there
+            # the question is about the new item, in eval as in the rest of the train split
+            turns = min(turns + 1, self.cfg.max_turns)
+            staggered = turns > len(items)
         intro = [[it] for it in items] + [[]] * (turns - len(items)) if staggered else [items] + [[]] * (turns - 1)
         messages, media_ids, shown, asked = [], [], [], set()
-        for new in intro:
+        for turn, new in enumerate(intro, start=1):
             shown += new
             media_ids += [it.media_id for it in new]
-            q, a = self._question(kind, shown, new, lang, rng, asked)
+            q, a = self._question(kind, shown, new, lang, rng, asked, recall and turn == len(intro))
             messages.append({"role": "user", "content": self._header(new, lang, kind) + q})
             messages.append({"role": "assistant", "content": a})
         return messages, media_ids
@@ -132,11 +154,12 @@ class OfflineDialogues:
             names = [_capital(it.ref[lang]) for it in new]
         return "".join(f"{n}: {s}\n" for n, s in zip(names, spans))
 
-    def _question(self, kind, shown, new, lang, rng, asked):
-        """A question not yet asked in this dialogue (up to a few tries), with its answer."""
+    def _question(self, kind, shown, new, lang, rng, asked, recall=False):
+        """A question not yet asked in this dialogue (up to a few tries), with its answer; a recall
+        question asks about an item shown before the latest one."""
         qa = None
         for _ in range(8):
-            qa = self._candidate(kind, shown, new, lang, rng)
+            qa = self._recall(shown, lang, rng) if recall else self._candidate(kind, shown, new, lang, rng)
             if qa and qa[0] not in asked:
                 break
         asked.add(qa[0])
@@ -153,8 +176,14 @@ class OfflineDialogues:
                 if found:
                     return found
             return Q.same(shown, lang, rng)
-        item = rng.choice(new if new and len(shown) > len(new) else shown)
-        if rng.random() < cfg.verify_rate:
+        return self._about(rng.choice(new if new and len(shown) > len(new) else shown), lang, rng)
+
+    def _recall(self, shown, lang, rng):
+        return self._about(rng.choice(shown[:-1]), lang, rng)
+
+    def _about(self, item, lang, rng):
+        """One question about one item: an attribute, or now and then a fact to confirm."""
+        if rng.random() < self.cfg.verify_rate:
             found = Q.verify(item, lang, rng, VALUES)
             if found:
                 return found
