@@ -59,14 +59,33 @@ def init_ray(cfg: RayConfig) -> bool:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            # address="local": never attach to a stale `ray start` left behind on this machine.
             num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            start_local_ray(num_cpus=num_cpus, include_dashboard=False)
         started = True
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.enable_operator_progress_bars = cfg.progress
     return started
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """``ray.init`` a private single-machine instance whose servers listen on 127.0.0.1 only.
+
+    A plain local ``ray.init`` binds its GCS, raylet and workers to every interface, and turns
+    ``_node_ip_address="127.0.0.1"`` back into the machine's address. Ray's loopback-only mode
+    (what it uses on a laptop, ``ENABLE_RAY_CLUSTER`` off) binds them all to 127.0.0.1; the flag is
+    read when the node starts, so it is switched on for this call only. ``address="local"``: never
+    attach to a stale ``ray start`` left behind on this machine.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 class Chain:

@@ -28,3 +28,14 @@ def three_turn_conversation():
         {"role": "user", "content": [{"type": "text", "text": "And image 3?"}, {"type": "image"}]},
         {"role": "assistant", "content": "blue"},
     ]
+
+
+def ray_listening_addresses() -> set[str]:
+    """IP addresses that the running local Ray node's processes (GCS, raylet, dashboard agents,
+    workers) listen on."""
+    import psutil
+    from ray._private import worker
+
+    roots = [psutil.Process(p.process.pid) for procs in worker._global_node.all_processes.values() for p in procs]
+    procs = roots + [c for r in roots for c in r.children(recursive=True)]
+    return {c.laddr.ip for p in procs for c in p.net_connections("tcp") if c.status == "LISTEN"}

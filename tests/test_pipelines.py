@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from jobs import features as features_job  # noqa: E402
 from jobs import synthesize as synth_job  # noqa: E402
 from pipelines.storage import StorageConfig  # noqa: E402
+from pipelines.runtime import start_local_ray  # noqa: E402
 from pipelines.store import FeatureStore  # noqa: E402
 
 QUIET = ["ray.progress=false"]
@@ -37,7 +38,7 @@ SMALL_FEATURES = ["encode.concurrency=1", "encode.batch_size=8", "write.batch_si
 def ray_local(tmp_path_factory):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -231,6 +232,14 @@ def s3(monkeypatch):
                  aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="mmm-test")
     yield storage
     server.stop()
+
+
+def test_local_ray_listens_on_loopback_only(ray_local):
+    """What the tests and a job without RAY_ADDRESS start (pipelines.runtime.start_local_ray)."""
+    from helpers import ray_listening_addresses
+
+    addresses = ray_listening_addresses()
+    assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
 
 
 def test_s3_round_trip_ingest_features_synthesis(ray_local, s3):

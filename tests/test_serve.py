@@ -15,6 +15,7 @@ import requests
 import soundfile as sf
 from PIL import Image
 
+from pipelines.runtime import start_local_ray
 from tests.helpers import tone
 
 KEY = "test-key"
@@ -36,9 +37,9 @@ def server():
 
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="mmm-serve-", dir="/tmp")
-    # address="local": a fresh cluster of our own, never one another test or user started.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    # a fresh cluster of our own on 127.0.0.1, never one another test or user started
+    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=tmp,
+                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = ServeArgs(api_key=KEY, search_dir=os.path.join(tmp, "none"), max_replicas=1, model_num_cpus=1,

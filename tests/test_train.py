@@ -36,6 +36,7 @@ from jobs.answer_loss import AnswerLoss, unwrap  # noqa: E402
 from jobs.metrics import read_jsonl  # noqa: E402
 from mmm.checkpoint import CheckpointError  # noqa: E402
 from mmm.schema import KINDS, LANGS, MEDIA  # noqa: E402
+from pipelines.runtime import start_local_ray  # noqa: E402
 
 NUM_IMAGES, NUM_AUDIO, NUM_DIALOGUES = 24, 12, 200
 IMAGE_KINDS = ("visual_context", "multi_image")
@@ -115,8 +116,8 @@ def ray_local():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             logging_level="WARNING", log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+                    logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
 

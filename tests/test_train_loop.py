@@ -22,6 +22,7 @@ from jobs.deepspeed_config import deepspeed_config, lr_lambda
 from jobs.metrics import read_jsonl
 from jobs.train_config import load_config
 from jobs.train_loop import TrainHooks, fit
+from pipelines.runtime import start_local_ray
 
 DIM = 8
 GRAD_ACCUM = 2
@@ -100,7 +101,7 @@ def ray_local(s3):
         os.environ.setdefault(k, v)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
+    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
