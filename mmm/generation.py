@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .spans import default_positions
-
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
     """(B, V) logits -> (B,) next ids; temperature 0 is greedy."""
@@ -37,10 +35,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_toke
     device = next(model.llm.parameters()).device
     stops = set(stop_token_ids if stop_token_ids is not None else model.stop_ids)
     ids, mask = _left_pad(prompts, model.tokenizer.pad_token_id, device)
-    embeds = model.embed(ids, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
-    positions = model.lm_positions(ids, default_positions(ids, mask))  # (B, L): left pads do not shift them
+    out, positions = model.prefill(ids, mask, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
     results: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):

@@ -178,6 +178,14 @@ class MMMModel(nn.Module):
             position_ids=self.lm_positions(input_ids, position_ids, attention_mask),
         )
 
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features=(), audio_features=()):
+        """The prompt pass of cached decoding over left-padded (B, L) ids: returns the LM's output
+        (logits and KV cache) and the (B, L) positions it used; left pads do not shift them."""
+        positions = self.lm_positions(input_ids, default_positions(input_ids, attention_mask))
+        embeds = self.embed(input_ids, image_features, audio_features)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        return out, positions
+
     @torch.no_grad()
     def generate(self, input_ids, image_features=(), audio_features=(), max_new_tokens: int = 32, **kw) -> list[int]:
         """Greedy (temperature 0) or sampled continuation of one prompt; returns the new token ids."""

@@ -20,8 +20,6 @@ from typing import Sequence
 
 import torch
 
-from mmm.spans import default_positions
-
 from .openai_schema import SamplingParams
 
 
@@ -67,13 +65,11 @@ class StepDecoder:
         self.stop_ids = set(model.stop_ids)
         ids, mask = left_pad([p[0] for p in prompts], model.tokenizer.pad_token_id)
         self.mask = mask.to(self.device)  # (B, L)
-        ids = ids.to(self.device)
-        positions = model.lm_positions(ids, default_positions(ids, self.mask))  # (B, L): left pads do not shift them
         self.gens = [self._generator(p.seed) for p in self.params]
         self.pending: torch.Tensor | None = None  # (B,)
         with torch.no_grad():
-            embeds = model.embed(ids, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])  # (B, L, D)
-            out = model.llm(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions, use_cache=True)
+            out, positions = model.prefill(ids.to(self.device), self.mask, [f for p in prompts for f in p[1]],
+                                           [f for p in prompts for f in p[2]])
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]  # cache: L tokens; logits (B, V)
         self.positions = positions[:, -1:]  # (B, 1): position of each row's last fed token
 
