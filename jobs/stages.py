@@ -44,10 +44,10 @@ OUTPUT = {"pretrain": "outputs/demo/stage1", "finetune": "outputs/demo/stage2"}
 # * packed rows of 512 tokens hold ~5 dialogues; 2 workers x 4 rows = ~40 dialogues per optimizer
 #   step. Both workers run one thread each (Ray's OMP_NUM_THREADS=1): faster than one worker with
 #   two threads, and no OpenMP barrier stalls when another process takes a core;
-# * ~3.9 optimizer steps/s end to end under Ray + ZeRO-2 with packed attention (mmm/attention.py;
-#   3.2 before its backward stopped zero-filling a copy of the input per sample);
+# * ~4 optimizer steps/s end to end under Ray + ZeRO-2 with packed attention (mmm/attention.py;
+#   3.2 in the demo before its backward stopped zero-filling a copy of the input per sample);
 # * stage 1 is short: with a frozen random LM the projectors barely move the caption loss, so the
-#   budget goes to stage 2 (projectors + LM). 2200 steps of stage 2 are ~9.3 minutes, which with
+#   budget goes to stage 2 (projectors + LM). 2200 steps of stage 2 are ~9 minutes, which with
 #   stage 1 keeps training under the 10-minute budget. The recall drills (pipelines/synth/offline.py)
 #   need the steps: questions about an earlier item were learned between steps 600 and 1200 in
 #   the calibration (README, "Learning").

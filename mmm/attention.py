@@ -32,8 +32,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     rows = []
     # unbind + split, not slicing: a slice's backward writes its gradient into a zeroed copy of the
     # whole input, so ~100 slices per step cost more memset than the attention itself; split's
-    # backward is one cat per row (tiny preset on CPU, one thread: fwd + bwd of 8 x 512 tokens
-    # 0.31 -> 0.24 s)
+    # backward is one cat per row. Tiny preset on CPU, 8 x 512-token micro-batches, old and new
+    # side by side: fwd + bwd 1.1-1.2x faster; the zero fills were 27% of the old step's CPU time
     bounds = _bounds_once(position_ids, query.shape[0], length)
     for q, k, v, row_bounds in zip(query.unbind(0), key.unbind(0), value.unbind(0), bounds):
         sizes = [b - a for a, b in row_bounds]
