@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -18,15 +20,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torc
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _left_pad(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = [len(p[0]) for p in prompts]
-    width = max(lengths)
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (B, L) ids and attention mask, padded on the left so that every row's
+    next token is at position L (also how the server's decoder lines up rows that join a batch)."""
+    width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, (p_ids, *_rest) in enumerate(prompts):
-        ids[i, width - len(p_ids) :] = torch.as_tensor(p_ids, dtype=torch.long)
-        mask[i, width - len(p_ids) :] = 1
-    return ids.to(device), mask.to(device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
 
 
 def generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed, streamer):
@@ -34,7 +37,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_toke
     without the stop token. ``streamer(i, token_id)`` is called for each new token of prompt i."""
     device = next(model.llm.parameters()).device
     stops = set(stop_token_ids if stop_token_ids is not None else model.stop_ids)
-    ids, mask = _left_pad(prompts, model.tokenizer.pad_token_id, device)
+    ids, mask = (t.to(device) for t in left_pad([p[0] for p in prompts], model.tokenizer.pad_token_id))
     out, positions = model.prefill(ids, mask, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     results: list[list[int]] = [[] for _ in prompts]

@@ -20,19 +20,9 @@ from typing import Sequence
 
 import torch
 
+from mmm.generation import left_pad
+
 from .openai_schema import SamplingParams
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (B, L) ids and attention mask, padded on the left so that every row's
-    next token is at position L."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
