@@ -22,7 +22,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torc
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (B, L) ids and attention mask, padded on the left so that every row's
-    next token is at position L (also how the server's decoder lines up rows that join a batch)."""
+    next token is at position L."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -37,8 +37,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_toke
     without the stop token. ``streamer(i, token_id)`` is called for each new token of prompt i."""
     device = next(model.llm.parameters()).device
     stops = set(stop_token_ids if stop_token_ids is not None else model.stop_ids)
-    ids, mask = (t.to(device) for t in left_pad([p[0] for p in prompts], model.tokenizer.pad_token_id))
-    out, positions = model.prefill(ids, mask, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
+    out, positions, mask = model.prefill(prompts)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     results: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

@@ -178,13 +178,18 @@ class MMMModel(nn.Module):
             position_ids=self.lm_positions(input_ids, position_ids, attention_mask),
         )
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features=(), audio_features=()):
-        """The prompt pass of cached decoding over left-padded (B, L) ids: returns the LM's output
-        (logits and KV cache) and the (B, L) positions it used; left pads do not shift them."""
-        positions = self.lm_positions(input_ids, default_positions(input_ids, attention_mask))
-        embeds = self.embed(input_ids, image_features, audio_features)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
-        return out, positions
+    def prefill(self, prompts):
+        """The prompt pass of cached decoding. ``prompts``: (ids, image_features, audio_features)
+        per row, left-padded here. Returns the LM's output (logits and KV cache), the (B, L)
+        positions it used (left pads do not shift them) and the (B, L) attention mask."""
+        from .generation import left_pad
+
+        device = next(self.llm.parameters()).device
+        ids, mask = (t.to(device) for t in left_pad([p[0] for p in prompts], self.tokenizer.pad_token_id))
+        positions = self.lm_positions(ids, default_positions(ids, mask))
+        embeds = self.embed(ids, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        return out, positions, mask
 
     @torch.no_grad()
     def generate(self, input_ids, image_features=(), audio_features=(), max_new_tokens: int = 32, **kw) -> list[int]:

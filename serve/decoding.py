@@ -20,8 +20,6 @@ from typing import Sequence
 
 import torch
 
-from mmm.generation import left_pad
-
 from .openai_schema import SamplingParams
 
 
@@ -53,13 +51,10 @@ class StepDecoder:
         self.model, self.params = model, list(params)
         self.device = next(model.llm.parameters()).device
         self.stop_ids = set(model.stop_ids)
-        ids, mask = left_pad([p[0] for p in prompts], model.tokenizer.pad_token_id)
-        self.mask = mask.to(self.device)  # (B, L)
         self.gens = [self._generator(p.seed) for p in self.params]
         self.pending: torch.Tensor | None = None  # (B,)
         with torch.no_grad():
-            out, positions = model.prefill(ids.to(self.device), self.mask, [f for p in prompts for f in p[1]],
-                                           [f for p in prompts for f in p[2]])
+            out, positions, self.mask = model.prefill(prompts)  # mask: (B, L)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]  # cache: L tokens; logits (B, V)
         self.positions = positions[:, -1:]  # (B, 1): position of each row's last fed token
 
