@@ -54,9 +54,12 @@ class AudioConfig:
     num_heads: int = 4
     ffn_dim: int = 128
     num_mel_bins: int = 80
-    init_std: float = 0.2
+    init_std: float = 0.1
     """Random tiny encoders at Whisper's 0.02 erase their input (positions dominate after the final
-    LayerNorm); at 0.2 a linear probe reads pitch and beep count. Ignored for pretrained weights."""
+    LayerNorm); larger scales keep it. A probe of the projector's shape (stride-4 conv, pooled) on
+    700 held-out clips reads beep count 99.6% at 0.05, 100% at 0.1, 97.3% at 0.2, 72% at 0.5 (pitch
+    99.9-100% throughout); 0.1 lifted the chain's beep-count answers from 83% to 92%. Ignored for
+    pretrained weights."""
     select_layer: int = -1
     """Whisper's last layer (after its final LayerNorm), as the paper and Qwen-Audio use."""
     max_seconds: float = 120.0
