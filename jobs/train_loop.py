@@ -172,7 +172,7 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
 
     t0 = time.time()
     if not cfg.resources.use_gpu:
-        _skip_shm_comm_build()
+        skip_shm_comm_build()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
@@ -193,7 +193,7 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
     return _Worker(cfg, hooks, engine, rank, world, start_step, batches, records, bar, metrics_path, staging)
 
 
-def _skip_shm_comm_build() -> None:
+def skip_shm_comm_build() -> None:
     """DeepSpeed's CPU backend JIT-builds its ``shm_comm`` op when it initializes (85 s on a fresh
     venv here, then ~1 s of compiler probes per worker start), yet only its *inference* all-reduce
     uses it; training collectives go through torch.distributed (gloo). Without it DeepSpeed falls
