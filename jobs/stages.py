@@ -44,16 +44,16 @@ OUTPUT = {"pretrain": "outputs/demo/stage1", "finetune": "outputs/demo/stage2"}
 # * packed rows of 512 tokens hold ~5 dialogues; 2 workers x 4 rows = ~40 dialogues per optimizer
 #   step. Both workers run one thread each (Ray's OMP_NUM_THREADS=1): faster than one worker with
 #   two threads, and no OpenMP barrier stalls when another process takes a core;
-# * ~4 optimizer steps/s end to end under Ray + ZeRO-2 with packed attention (mmm/attention.py;
-#   3.2 in the demo before its backward stopped zero-filling a copy of the input per sample);
+# * ~3.6 optimizer steps/s end to end under Ray + ZeRO-2 with the 3-layer LM and packed attention
+#   (mmm/attention.py); 4.4-4.9 with 2 layers;
 # * stage 1 is short: with a frozen random LM the projectors barely move the caption loss, so the
-#   budget goes to stage 2 (projectors + LM). 2200 steps of stage 2 are ~9 minutes, which with
+#   budget goes to stage 2 (projectors + LM). 1800 steps of stage 2 are ~8.5 minutes, which with
 #   stage 1 keeps training under the 10-minute budget. The recall drills (pipelines/synth/offline.py)
 #   need the steps: questions about an earlier item were learned between steps 600 and 1200 in
 #   the calibration (README, "Learning").
 TINY: dict[str, list[str]] = {
     "pretrain": ["train.max_steps=60", "train.lr=2e-3", "train.warmup_steps=10", "train.checkpoint_every=30"],
-    "finetune": ["train.max_steps=2200", "train.lr=2e-3", "train.warmup_steps=30", "train.checkpoint_every=550"],
+    "finetune": ["train.max_steps=1800", "train.lr=2e-3", "train.warmup_steps=30", "train.checkpoint_every=600"],
 }
 TINY_COMMON = ["train.context_length=512", "train.micro_batch_size=4", "train.grad_accum=1", "train.schedule=cosine",
                "train.min_lr_ratio=0.1", "train.log_every=10", "resources.num_workers=2", "resources.cpus_per_worker=1"]

@@ -43,7 +43,7 @@ def build_llm(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             num_attention_heads=c.num_heads,
             num_key_value_heads=c.num_heads,
             max_position_embeddings=c.max_position_embeddings,
-            tie_word_embeddings=False,
+            tie_word_embeddings=c.tie_embeddings,
         )
     )
 

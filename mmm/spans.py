@@ -2,7 +2,7 @@
 
 Two optional aids (``projector.item_ordinals``, ``llm.shared_span_positions``) for an LM that has
 to learn from scratch which span "image 2" names. A pretrained LM reads the "Image 2:" label in
-front of a span; the tiny preset's random 2-layer LM instead learns to answer about the most
+front of a span; the tiny preset's random LM instead learns to answer about the most
 recent item, which pays on most turns. Measured on the tiny preset (README, "Learning"), the two
 together made questions about an earlier item learnable (90% where either alone gave 70%):
 

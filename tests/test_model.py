@@ -121,6 +121,8 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         torch.testing.assert_close(loaded(ids, imgs, auds).logits, m(ids, imgs, auds).logits, atol=0, rtol=0)
     assert loaded.generate(r.input_ids, imgs, auds, 8) == m.generate(r.input_ids, imgs, auds, 8)
     assert loaded.encode_media(IMAGE, [image()])[0].equal(imgs[0])
+    for model in (m, loaded):  # the tiny preset ties its LM's input and output embeddings
+        assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
     with pytest.raises(CheckpointError, match="phase 'stage1'.*needs one of \\('stage2',\\)"):
         MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2")
 
@@ -143,6 +145,13 @@ def test_real_preset_without_hub_fails_clearly():
 
     with pytest.raises(CheckpointUnavailableError, match="cannot load the tokenizer checkpoint .TinyLlama/TinyLlama-1.1B-Chat-v1.0."):
         MMMModel.build(preset("tinyllama"))
+
+
+def test_tied_embeddings_are_for_a_random_lm_only():
+    from mmm.config import LLMConfig
+
+    with pytest.raises(ValueError, match="llm.tie_embeddings applies to a randomly built LM; 'some/lm'"):
+        LLMConfig(pretrained="some/lm", tie_embeddings=True)
 
 
 def test_encoder_names_survive_a_round_trip(tiny_model, tmp_path):
