@@ -120,7 +120,8 @@ class LLMConfig:
     """Share the input embeddings with the output head (a random LM only; a pretrained one keeps its
     own choice). The tiny preset ties them: a fact word's input embedding is then trained by every
     answer naming that fact, not only by the few questions that mention it, which is what yes/no
-    claims ("Is the tone in audio 1 high?") compare an item against (README, "Learning")."""
+    claims ("Is the tone in audio 1 high?") compare an item against. The one 2-layer run that learned
+    claims was tied; thin evidence (README, "Learning")."""
     lora_r: int = 16
     """LoRA rank when stage 2 trains adapters instead of the full LM (peft's common default)."""
     lora_alpha: int = 32
@@ -129,7 +130,8 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         if self.tie_embeddings and self.pretrained:
-            raise ValueError(f"llm.tie_embeddings applies to a randomly built LM; {self.pretrained!r} keeps its own tying: set llm.tie_embeddings=false")
+            raise ValueError(f"llm.tie_embeddings applies to a randomly built LM; {self.pretrained!r} keeps its "
+                             "own tying: set llm.tie_embeddings=false")
         if self.shared_span_positions and self.attention != "mmm_packed_sdpa":
             raise ValueError(
                 f"llm.shared_span_positions needs llm.attention='mmm_packed_sdpa', not {self.attention!r}: "
