@@ -102,8 +102,9 @@ class LLMConfig:
     hidden_size: int = 128
     num_layers: int = 2
     """The tiny preset uses 3: naming an item ("image 2") and reading it are two attention hops. With
-    2 layers the tiny LM learned that in 2 of 6 chain runs (79-88% overall), with 3 in 2 of 4
-    (81-90%), at ~25% more time a step (README, "Learning"). A 4-layer LM lost within the budget."""
+    2 layers the tiny LM learned that in 2 of 6 chain runs (79-88% overall), with 3 in 2 of 5
+    (78-90%, the best run and mean), at ~25% more time a step (README, "Learning"). A 4-layer LM lost
+    within the budget."""
     num_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 2048
