@@ -39,7 +39,8 @@ def _samples(model, rank: int, n: int = 6) -> list[dict]:
     return out
 
 
-def _fresh(cfg):
+def _fresh():
+    """The tiny model as stage 2 trains it, the same weights on every call and every rank."""
     from jobs.answer_loss import AnswerLoss
     from mmm.config import preset
     from mmm.model import MMMModel
@@ -50,21 +51,23 @@ def _fresh(cfg):
     return AnswerLoss(model).train()
 
 
-def _batches(cfg, rank: int) -> list[dict]:
+def _trainable(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def _batches(model, rank: int) -> list[dict]:
     from jobs.answer_loss import unwrap
     from mmm.packing import collate_packed, model_inputs
 
-    model = unwrap(_fresh(cfg))
-    samples = _samples(model, rank)
+    samples = _samples(unwrap(model), rank)
     per = len(samples) // STEPS
-    return [model_inputs(collate_packed(samples[s * per:(s + 1) * per], 256, model.tokenizer.pad_token_id))
-            for s in range(STEPS)]
+    pad = unwrap(model).tokenizer.pad_token_id
+    return [model_inputs(collate_packed(samples[s * per:(s + 1) * per], 256, pad)) for s in range(STEPS)]
 
 
-def _by_hand(cfg, batches) -> dict[str, torch.Tensor]:
+def _by_hand(model, cfg, batches) -> dict[str, torch.Tensor]:
     from jobs.deepspeed_config import build_optimizer, build_scheduler, param_groups
 
-    model = _fresh(cfg)
     opt = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
     sched = build_scheduler(opt, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -78,15 +81,14 @@ def _by_hand(cfg, batches) -> dict[str, torch.Tensor]:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
         opt.step()
         sched.step()
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return _trainable(model)
 
 
-def _zero2(cfg, batches) -> dict[str, torch.Tensor]:
+def _zero2(model, cfg, batches) -> dict[str, torch.Tensor]:
     import deepspeed
 
     from jobs.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
 
-    model = _fresh(cfg)
     opt = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg),
                                       lr_scheduler=build_scheduler(opt, cfg))
@@ -95,7 +97,7 @@ def _zero2(cfg, batches) -> dict[str, torch.Tensor]:
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
-    return {k: v.detach().clone() for k, v in engine.module.named_parameters() if v.requires_grad}
+    return _trainable(engine.module)
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -115,9 +117,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         "deepspeed.zero_stage=2", "deepspeed.bf16=false", "resources.num_workers=2", "train.micro_batch_size=1",
         "train.grad_accum=1", "train.lr=1e-3", "train.warmup_steps=1", "train.schedule=cosine",
         f"train.max_steps={STEPS}", "train.grad_clip=0.5"])
-    batches = _batches(cfg, rank)
-    init = {k: v.detach().clone() for k, v in _fresh(cfg).named_parameters() if v.requires_grad}
-    reference, zero2 = _by_hand(cfg, batches), _zero2(cfg, batches)
+    model = _fresh()
+    batches, init = _batches(model, rank), _trainable(model)
+    reference, zero2 = _by_hand(model, cfg, batches), _zero2(_fresh(), cfg, batches)
     if rank == 0:
         torch.save({"init": init, "reference": reference, "zero2": zero2}, out)
     torch.distributed.destroy_process_group()
