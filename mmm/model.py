@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, generation
 from .attention import PACKED_SDPA, register as register_attention
 from .chat import PlaceholderMismatchError, Rendered, render
 from .config import ModelConfig
@@ -182,10 +182,8 @@ class MMMModel(nn.Module):
         """The prompt pass of cached decoding. ``prompts``: (ids, image_features, audio_features)
         per row, left-padded here. Returns the LM's output (logits and KV cache), the (B, L)
         positions it used (left pads do not shift them) and the (B, L) attention mask."""
-        from .generation import left_pad
-
         device = next(self.llm.parameters()).device
-        ids, mask = (t.to(device) for t in left_pad([p[0] for p in prompts], self.tokenizer.pad_token_id))
+        ids, mask = (t.to(device) for t in generation.left_pad([p[0] for p in prompts], self.tokenizer.pad_token_id))
         positions = self.lm_positions(ids, default_positions(ids, mask))
         embeds = self.embed(ids, [f for p in prompts for f in p[1]], [f for p in prompts for f in p[2]])
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -203,9 +201,7 @@ class MMMModel(nn.Module):
         stop_token_ids=None, seed: int | None = None, streamer=None,
     ) -> list[list[int]]:
         """Several prompts ``(ids, image_features, audio_features)`` at once, left-padded, KV-cached."""
-        from .generation import generate_batch
-
-        return generate_batch(self, prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed, streamer)
+        return generation.generate_batch(self, prompts, max_new_tokens, temperature, top_p, stop_token_ids, seed, streamer)
 
 
 def _dummy_sum(*modules: nn.Module | None) -> torch.Tensor:
