@@ -37,14 +37,14 @@ _EN = (
     "triangle star red green blue yellow purple orange black white high low pitch how many what "
     "which is the a an of in and or yes no one two three four five there are does do this that "
     "same different first second third both louder higher lower describe answer question what's "
-    "hear see show shows heard seen it they count number kind shapes beeps has have as user assistant system"
+    "hear see show shows heard seen it they count number kind shapes beeps has have as so user assistant system"
 ).split()
 _MS = (
     "gambar imej audio klip bunyi nada bip suara pertuturan warna bentuk bulatan segi empat tiga "
     "bintang merah hijau biru kuning ungu oren hitam putih tinggi rendah berapa apakah yang mana "
     "ini itu ada dan atau ya tidak satu dua tiga empat lima sama berbeza pertama kedua ketiga "
     "kedua-dua lebih dengar lihat menunjukkan didengar dilihat bilangan jenis jawab soalan adakah banyak "
-    "berwarna dalam dengan manakah mempunyai"
+    "berwarna dalam dengan manakah mempunyai jadi"
 ).split()
 
 

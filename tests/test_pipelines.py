@@ -202,6 +202,44 @@ def test_recall_drills_ask_about_an_earlier_item_in_train_only():
     assert 60 <= drills <= 120  # about half of 180 train dialogues
 
 
+def test_yes_no_answers_state_what_they_compare_before_the_verdict():
+    import random
+
+    from pipelines.synth import questions as Q
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import VALUES
+    from pipelines.synth.words import word
+
+    def items(kind, label):
+        return [Q.Item(f"{kind}{i}", kind, make_item(0, kind, i)[1], {lg: f"{label[lg]} {i + 1}" for lg in LANGS}) for i in range(8)]
+
+    def split(answer, lang):  # "red and blue, so no" -> (["red", "blue"], "no")
+        facts, verdict = answer.split(f", {word('so', lang)} ")
+        return facts.split(f" {word('and', lang)} "), verdict
+
+    rng = random.Random(0)
+    images, clips = items(IMAGE, {"en": "image", "ms": "gambar"}), items(AUDIO, {"en": "audio", "ms": "audio"})
+    seen = set()
+    for _ in range(200):
+        lang = rng.choice(LANGS)
+        yes, no = word("yes", lang), word("no", lang)
+        item = rng.choice(images + clips)
+        q, a = Q.verify(item, lang, rng, VALUES)
+        claimed, rest = a.split("? ")  # "2? 3, so no": the claim echoed, then the fact
+        [fact], verdict = split(rest, lang)
+        assert claimed in q and fact in {Q._value(k, item.facts, lang) for k in VALUES if k in item.facts}, (q, a)
+        assert verdict == (yes if claimed == fact else no), (q, a)
+        seen.add(verdict)
+        q, a = Q.same(rng.sample(images, 2), lang, rng)
+        (left, right), verdict = split(a, lang)
+        assert verdict == (yes if left == right else no), (q, a)
+        image, clip = rng.choice(images), rng.choice(clips)
+        (shapes, beeps), verdict = split(Q.cross(image, clip, lang)[1], lang)
+        assert [shapes, beeps] == [str(image.facts["count"]), str(clip.facts["count"])]
+        assert verdict == (yes if shapes == beeps else no)
+    assert seen == {"yes", "no", "ya", "tidak"}  # both outcomes, both languages
+
+
 @pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng is not installed")
 def test_spoken_words_decode_as_audio():
     from mmm.media import decode_audio

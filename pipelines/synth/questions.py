@@ -43,8 +43,22 @@ def attribute(item: Item, lang: str, rng: random.Random):
     return q, _value(attr, item.facts, lang)
 
 
+def verdict(evidence: list[str], holds: bool, lang: str) -> str:
+    """A yes/no answer that states what it compares first: "red and blue, so no".
+
+    A bare "yes"/"no" asks a small LM to compare two things it has only read (two items, or an
+    item and a claimed value) in one step; the tiny LM never learned that (chance in every chain
+    run: it said "no" in English and "ya" in Malay whatever the media). Written out first, the two
+    sit a fixed few tokens before the verdict, and comparing them is learned (README, "Learning").
+    """
+    facts = f" {word('and', lang)} ".join(evidence)
+    return f"{facts}, {word('so', lang)} {word(YES if holds else NO, lang)}"
+
+
 def verify(item: Item, lang: str, rng: random.Random, pools: dict):
-    """"Are there 2 beeps in audio 1?" -> "yes"/"ya" (half the time the claim is false)."""
+    """"Are there 2 beeps in audio 1?" -> "2? 3, so no" / "2? 3, jadi tidak": the claim echoed,
+    then the fact (half the time the claim is false). Echoing the claim puts it next to the fact:
+    the claim in the question alone sits too far back for the tiny LM to compare (chance)."""
     if item.kind == "speech":
         return None
     attr = rng.choice(sorted(VERIFY[item.kind]))
@@ -52,7 +66,8 @@ def verify(item: Item, lang: str, rng: random.Random, pools: dict):
     claim = truth if rng.random() < 0.5 else rng.choice([v for v in pools[attr] if v != truth])
     value = things(item.kind, claim, lang) if attr == "count" else word(claim, lang)
     q = template(VERIFY[item.kind][attr], lang).format(ref=item.ref[lang], value=value)
-    return q, word(YES if claim == truth else NO, lang)
+    claimed = _value(attr, {attr: claim}, lang)
+    return q, f"{claimed}? " + verdict([_value(attr, item.facts, lang)], claim == truth, lang)
 
 
 def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
@@ -71,7 +86,7 @@ def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
 
 
 def same(items: list[Item], lang: str, rng: random.Random):
-    """"Do image 1 and image 3 have the same colour?" -> "no"/"tidak".
+    """"Do image 1 and image 3 have the same colour?" -> "red and blue, so no".
 
     The pair is chosen so that "yes" and "no" are equally likely where both are possible:
     random pairs mostly differ, and a model would learn to answer "no" without looking.
@@ -83,10 +98,12 @@ def same(items: list[Item], lang: str, rng: random.Random):
     i, j = rng.choice(matching if matching and (not differing or rng.random() < 0.5) else differing)
     a, b = items[i], items[j]
     q = template(SAME[a.kind][attr], lang).format(a=a.ref[lang], b=b.ref[lang])
-    return q, word(YES if a.facts[attr] == b.facts[attr] else NO, lang)
+    values = [_value(attr, it.facts, lang) for it in (a, b)]
+    return q, verdict(values, a.facts[attr] == b.facts[attr], lang)
 
 
 def cross(image: Item, audio: Item, lang: str):
-    """"Are there as many shapes in the image as beeps in the audio?" -> "yes"."""
+    """"Are there as many shapes in the image as beeps in the audio?" -> "2 and 2, so yes"."""
     q = template(CROSS, lang).format(image=image.ref[lang], audio=audio.ref[lang])
-    return q, word(YES if image.facts["count"] == audio.facts["count"] else NO, lang)
+    counts = [image.facts["count"], audio.facts["count"]]
+    return q, verdict([str(c) for c in counts], counts[0] == counts[1], lang)

@@ -19,7 +19,7 @@ WORDS = {
     "ms": {
         "red": "merah", "green": "hijau", "blue": "biru", "yellow": "kuning",
         "circle": "bulatan", "square": "segi empat", "triangle": "segi tiga",
-        "low": "rendah", "high": "tinggi", "yes": "ya", "no": "tidak",
+        "low": "rendah", "high": "tinggi", "yes": "ya", "no": "tidak", "and": "dan", "so": "jadi",
     },
 }
 LABEL = {"en": {"image": "image", "audio": "audio"}, "ms": {"image": "gambar", "audio": "audio"}}
