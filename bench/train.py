@@ -1,19 +1,26 @@
 """Packing vs padding: effective (non-pad) training tokens/s on the same data, side by side.
 
-    python bench/train.py [--dialogues 600] [--context 512] [--rows 4] [--seconds 20] [--image-tokens 576]
+    python bench/train.py [--dialogues 600] [--context 512] [--rows 4] [--seconds 15] [--image-tokens N]
 
 Builds the offline generator's dialogues (all five kinds, English and Malay) over media it makes
 in memory, encodes them with the tiny preset's frozen encoders, renders them, then trains the
 tiny model (projectors + LM, AdamW) on the same sample stream twice per round: once as packed
 rows (``mmm.packing.pack_stream``) and once padded to the longest sample of each batch of the
-same token budget. Rounds alternate the order so machine load hits both alike. The last line is
-a JSON object with the figures, ``packed_vs_padded`` (ratio) and ``pad_waste_packed`` (fraction).
+same token budget. Rounds alternate the order so machine load hits both alike.
 
-The gain is set by how widely sample lengths spread. The tiny encoders give 16 tokens an image, so
-dialogues span 37-169 tokens and padding wastes ~40%: packing's ceiling is 1 / (1 - 0.40) = 1.67x.
-``--image-tokens 576`` gives each image as many tokens as the tinyllama preset's SigLIP-base-384
-does (its 16 tiny features tiled), keeping everything else: the lengths of the real presets'
-dialogues (a clip's tokens are already the same: 12.5 a second after the stride-4 projector).
+The gain is set by how widely sample lengths spread, so the default run measures two lengths of
+the same dialogues, each side by side:
+
+* real-preset lengths (the headline): each image as many tokens as the tinyllama and mistral
+  presets' SigLIP-base-384 gives (576; the tiny encoder's 16 features tiled), dialogues of
+  ~40-1800 tokens, the workload packing exists for;
+* tiny lengths: the tiny encoder's 16 tokens an image, dialogues of 37-169 tokens. Padding wastes
+  ~40% there, so 1 / (1 - 0.40) = 1.67x is packing's ceiling on them.
+
+Clips are the same length in both (12.5 tokens a second after the stride-4 projector, as in the
+real presets). ``--image-tokens N`` measures one length only. The last line is a JSON object with
+the headline figures, ``packed_vs_padded`` (ratio) and ``pad_waste_packed`` (fraction), and the
+tiny lengths' figures under ``tiny_lengths``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from mmm.packing import collate_padded, model_inputs, pack_stream, pad_waste
 from mmm.schema import AUDIO, IMAGE
 from pipelines.synth.media import make_item
 from pipelines.synth.offline import DialogueConfig, OfflineDialogues
+
+REAL_IMAGE_TOKENS = 576
+"""SigLIP-base-patch16-384, the tinyllama and mistral presets' vision tower: (384 / 16)^2 patches."""
 
 
 def make_samples(model: MMMModel, num_dialogues: int, seed: int = 0, image_tokens: int = 0) -> list[dict]:
@@ -99,47 +109,59 @@ def train_rate(model, batches, seconds: float) -> tuple[float, float]:
     return real / (time.perf_counter() - start), 1 - real / slots
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dialogues", type=int, default=600)
-    ap.add_argument("--context", type=int, default=512, help="packed row length (tokens)")
-    ap.add_argument("--rows", type=int, default=4, help="packed rows per batch")
-    ap.add_argument("--seconds", type=float, default=15.0, help="training time per measurement")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--image-tokens", type=int, default=0,
-                    help="tokens an image (0: the tiny encoder's 16; 576: as the tinyllama preset)")
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    model = MMMModel.build(preset("tiny"))
-    model.set_trainable(projectors=True, llm=True)
-    samples = make_samples(model, args.dialogues, image_tokens=args.image_tokens)
+def measure(model, args, image_tokens: int) -> dict:
+    """Packed vs padded rounds on the dialogues rendered with ``image_tokens`` an image (0: 16)."""
+    samples = make_samples(model, args.dialogues, image_tokens=image_tokens)
     lengths = [len(s["input_ids"]) for s in samples]
-    print(f"{len(samples)} samples, tokens per sample: min {min(lengths)}, median {statistics.median(lengths)}, max {max(lengths)}")
-    if max(lengths) > args.context:  # a packed row must hold the longest sample
-        args.context = -(-max(lengths) // 256) * 256
-        print(f"context raised to {args.context} tokens for the longest sample")
+    tokens = image_tokens or model.vision.num_patches
+    print(f"{tokens} tokens an image: {len(samples)} samples, tokens per sample: min {min(lengths)}, "
+          f"median {statistics.median(lengths)}, max {max(lengths)}")
+    context = args.context
+    if max(lengths) > context:  # a packed row must hold the longest sample
+        context = -(-max(lengths) // 256) * 256
+        print(f"context raised to {context} tokens for the longest sample")
     pad = model.tokenizer.pad_token_id
-    budget = args.context * args.rows
     results = {"packed": [], "padded": []}
     for r in range(args.rounds):
         order = ("packed", "padded") if r % 2 == 0 else ("padded", "packed")
         for mode in order:
             stream = itertools.cycle(samples)
-            batches = pack_stream(stream, args.context, args.rows, pad) if mode == "packed" else padded_batches(stream, budget, pad)
+            batches = (pack_stream(stream, context, args.rows, pad) if mode == "packed"
+                       else padded_batches(stream, context * args.rows, pad))
             rate, waste = train_rate(model, batches, args.seconds)
             results[mode].append((rate, waste))
             print(f"round {r + 1} {mode:6s}: {rate:8.0f} non-pad tokens/s, pad waste {waste:.1%}", flush=True)
     packed = statistics.median(x[0] for x in results["packed"])
     padded = statistics.median(x[0] for x in results["padded"])
-    summary = {
+    return {
         "packed_tokens_per_s": round(packed, 1),
         "padded_tokens_per_s": round(padded, 1),
         "pad_waste_packed": round(statistics.median(x[1] for x in results["packed"]), 4),
         "pad_waste_padded": round(statistics.median(x[1] for x in results["padded"]), 4),
         "packed_vs_padded": round(packed / padded, 3),
-        "context": args.context, "rows_per_batch": args.rows, "threads": torch.get_num_threads(),
-        "image_tokens": args.image_tokens or model.vision.num_patches,
+        "image_tokens": tokens, "context": context, "rows_per_batch": args.rows,
     }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dialogues", type=int, default=600)
+    ap.add_argument("--context", type=int, default=512, help="packed row length (tokens; raised for longer samples)")
+    ap.add_argument("--rows", type=int, default=4, help="packed rows per batch")
+    ap.add_argument("--seconds", type=float, default=15.0, help="training time per measurement")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--image-tokens", type=int, default=None,
+                    help=f"measure only this image length (default: {REAL_IMAGE_TOKENS}, then the tiny encoder's 16)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = MMMModel.build(preset("tiny"))
+    model.set_trainable(projectors=True, llm=True)
+    if args.image_tokens is not None:
+        summary = measure(model, args, args.image_tokens)
+    else:
+        summary = measure(model, args, REAL_IMAGE_TOKENS)
+        summary["tiny_lengths"] = measure(model, args, 0)
+    summary["threads"] = torch.get_num_threads()
     print(json.dumps(summary))
     return 0
 
