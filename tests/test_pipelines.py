@@ -240,6 +240,31 @@ def test_yes_no_answers_state_what_they_compare_before_the_verdict():
     assert seen == {"yes", "no", "ya", "tidak"}  # both outcomes, both languages
 
 
+def test_a_named_items_answer_starts_with_its_name():
+    import random
+
+    from pipelines.synth import questions as Q
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import DialogueConfig, OfflineDialogues
+
+    rng, facts = random.Random(0), make_item(0, IMAGE, 3)[1]
+    named = Q.Item("i", IMAGE, facts, {"en": "image 2", "ms": "gambar 2"}, named=True)
+    single = Q.Item("i", IMAGE, facts, {"en": "the image", "ms": "gambar ini"})
+    for lang in LANGS:
+        q, a = Q.attribute(named, lang, rng)
+        assert named.ref[lang] in q and a.startswith(named.ref[lang] + " ") and a.split(" ", 2)[2], (q, a)
+        q, a = Q.attribute(single, lang, rng)
+        assert single.ref[lang] in q and not a.startswith(single.ref[lang]), (q, a)
+    pool = {k: [(f"{k}{i}", make_item(0, k, i)[1]) for i in range(6)] for k in (IMAGE, AUDIO)}
+    gen = OfflineDialogues({"train": pool, "eval": pool}, DialogueConfig(num_dialogues=100), seed=7)
+    answers: dict = {}
+    for d in map(gen.dialogue, range(50)):
+        answers.setdefault(d["kind"], []).extend(m["content"] for m in d["messages"][1::2])
+    named_facts = [a for a in answers["multi_image"] if a.startswith(("image ", "gambar ")) and "," not in a]
+    assert any(len(a.split()) >= 3 for a in named_facts)  # "image 2 red", not only "which" answers ("image 2")
+    assert not any(a.startswith(("image ", "gambar ", "audio ")) for a in answers["visual_context"] + answers["image_audio"])
+
+
 @pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng is not installed")
 def test_spoken_words_decode_as_audio():
     from mmm.media import decode_audio

@@ -125,6 +125,7 @@ class OfflineDialogues:
         multi = kind in ("multi_image", "multi_audio")
         for k, it in enumerate(items, start=1):
             it.ref = {lg: label(it.modality, k, lg) if multi else SINGLE_REF[lg][it.modality] for lg in LANGS}
+            it.named = multi
         turns = rng.randint(1, self.cfg.max_turns)
         staggered = multi and turns >= len(items) and rng.random() < 0.5
         if recall and staggered and turns == len(items):

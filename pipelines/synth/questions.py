@@ -23,6 +23,7 @@ class Item:
     kind: str
     facts: dict
     ref: dict  # lang -> "image 2" / "the image"
+    named: bool = False  # one of several, named by its number ("image 2")
 
     @property
     def modality(self) -> str:
@@ -35,12 +36,19 @@ def _value(attr: str, facts: dict, lang: str) -> str:
 
 
 def attribute(item: Item, lang: str, rng: random.Random):
-    """"What colour are the shapes in image 2?" -> "red"."""
+    """"What colour are the shapes in the image?" -> "red"; "... in image 2?" -> "image 2 red".
+
+    A named item's answer starts with its name, so the number is the token right before the fact:
+    the step that writes the fact looks up the span carrying that number from its own token. A
+    bare "red" needs the number carried over from the question first, which the tiny LM learned
+    in some runs and not others (README, "Learning").
+    """
     if item.kind == "speech":
         return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["word"]
     attr = rng.choice(sorted(ATTRIBUTE[item.kind]))
     q = template(ATTRIBUTE[item.kind][attr], lang).format(ref=item.ref[lang])
-    return q, _value(attr, item.facts, lang)
+    value = _value(attr, item.facts, lang)
+    return q, f"{item.ref[lang]} {value}" if item.named else value
 
 
 def verdict(evidence: list[str], holds: bool, lang: str) -> str:
