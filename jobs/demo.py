@@ -91,7 +91,8 @@ def chat_turns(data: Path):
         ["Audio 1: ", au[0], "\nAudio 2: ", au[1], "\nHow many beeps are in audio 2?"],
         ["Berapa banyak bentuk dalam gambar 2?"],
     ]
-    expected = [facts[0]["colour"], str(facts[3]["count"]), str(facts[1]["count"])]
+    # a named item's answer starts with its name (pipelines/synth/questions.py)
+    expected = [f"image 1 {facts[0]['colour']}", f"audio 2 {facts[3]['count']}", f"gambar 2 {facts[1]['count']}"]
     return turns, expected
 
 
