@@ -13,9 +13,9 @@ the same dialogues, each side by side:
 
 * real-preset lengths (the headline): each image as many tokens as the tinyllama and mistral
   presets' SigLIP-base-384 gives (576; the tiny encoder's 16 features tiled), dialogues of
-  ~40-1800 tokens, the workload packing exists for;
-* tiny lengths: the tiny encoder's 16 tokens an image, dialogues of 37-169 tokens. Padding wastes
-  ~40% there, so 1 / (1 - 0.40) = 1.67x is packing's ceiling on them.
+  ~40-1850 tokens, the workload packing exists for;
+* tiny lengths: the tiny encoder's 16 tokens an image, dialogues of ~40-190 tokens. Padding wastes
+  ~38% there, so 1 / (1 - 0.38) = 1.6x is packing's ceiling on them.
 
 Clips are the same length in both (12.5 tokens a second after the stride-4 projector, as in the
 real presets). ``--image-tokens N`` measures one length only. The last line is a JSON object with
