@@ -151,7 +151,8 @@ def test_dialogues_cover_five_kinds_two_languages_and_eval_media_never_in_train(
     for r in rows:
         assert 1 <= len(r["messages"]) // 2 <= 4 and r["source"] == "offline"
         answers = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
-        assert all(1 <= len(a.split()) <= 2 for a in answers), answers
+        # short: a fact ("segi tiga"), a named fact ("gambar 2 segi tiga"), a verdict after its facts
+        assert all(1 <= len(a.split()) <= 5 for a in answers), answers
     assert any("image 2" in m["content"] or "gambar 2" in m["content"] for r in rows for m in r["messages"][2:])
 
 
