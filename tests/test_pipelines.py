@@ -228,7 +228,7 @@ def test_yes_no_answers_state_what_they_compare_before_the_verdict():
         q, a = Q.verify(item, lang, rng, VALUES)
         claimed, rest = a.split("? ")  # "2? 3, so no": the claim echoed, then the fact
         [fact], verdict = split(rest, lang)
-        assert claimed in q and fact in {Q._value(k, item.facts, lang) for k in VALUES if k in item.facts}, (q, a)
+        assert claimed in q and fact in {Q._value(k, item.facts[k], lang) for k in VALUES if k in item.facts}, (q, a)
         assert verdict == (yes if claimed == fact else no), (q, a)
         seen.add(verdict)
         q, a = Q.same(rng.sample(images, 2), lang, rng)

@@ -30,8 +30,8 @@ class Item:
         return "image" if self.kind == "image" else "audio"
 
 
-def _value(attr: str, facts: dict, lang: str) -> str:
-    v = facts[attr]
+def _value(attr: str, v, lang: str) -> str:
+    """A fact as an answer says it: a count's digit ("3"), else its word ("merah")."""
     return str(v) if attr == "count" else word(v, lang)
 
 
@@ -47,7 +47,7 @@ def attribute(item: Item, lang: str, rng: random.Random):
         return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["word"]
     attr = rng.choice(sorted(ATTRIBUTE[item.kind]))
     q = template(ATTRIBUTE[item.kind][attr], lang).format(ref=item.ref[lang])
-    value = _value(attr, item.facts, lang)
+    value = _value(attr, item.facts[attr], lang)
     return q, f"{item.ref[lang]} {value}" if item.named else value
 
 
@@ -74,8 +74,7 @@ def verify(item: Item, lang: str, rng: random.Random, pools: dict):
     claim = truth if rng.random() < 0.5 else rng.choice([v for v in pools[attr] if v != truth])
     value = things(item.kind, claim, lang) if attr == "count" else word(claim, lang)
     q = template(VERIFY[item.kind][attr], lang).format(ref=item.ref[lang], value=value)
-    claimed = _value(attr, {attr: claim}, lang)
-    return q, f"{claimed}? " + verdict([_value(attr, item.facts, lang)], claim == truth, lang)
+    return q, f"{_value(attr, claim, lang)}? " + verdict([_value(attr, truth, lang)], claim == truth, lang)
 
 
 def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
@@ -106,7 +105,7 @@ def same(items: list[Item], lang: str, rng: random.Random):
     i, j = rng.choice(matching if matching and (not differing or rng.random() < 0.5) else differing)
     a, b = items[i], items[j]
     q = template(SAME[a.kind][attr], lang).format(a=a.ref[lang], b=b.ref[lang])
-    values = [_value(attr, it.facts, lang) for it in (a, b)]
+    values = [_value(attr, it.facts[attr], lang) for it in (a, b)]
     return q, verdict(values, a.facts[attr] == b.facts[attr], lang)
 
 
@@ -114,4 +113,4 @@ def cross(image: Item, audio: Item, lang: str):
     """"Are there as many shapes in the image as beeps in the audio?" -> "2 and 2, so yes"."""
     q = template(CROSS, lang).format(image=image.ref[lang], audio=audio.ref[lang])
     counts = [image.facts["count"], audio.facts["count"]]
-    return q, verdict([str(c) for c in counts], counts[0] == counts[1], lang)
+    return q, verdict([_value("count", c, lang) for c in counts], counts[0] == counts[1], lang)
