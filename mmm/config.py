@@ -103,7 +103,7 @@ class LLMConfig:
     num_layers: int = 2
     """The tiny preset uses 3: naming an item ("image 2") and reading it are two attention hops. With
     2 layers the tiny LM learned that in 2 of 6 chain runs (79-88% overall), with 3 in 2 of 5
-    (78-90%, the best run and mean), at ~25% more time a step (README, "Learning"). A 4-layer LM lost
+    (78-90%, the best run and mean), at ~25% more time a step (issue 4's session notes). A 4-layer LM lost
     within the budget."""
     num_heads: int = 4
     intermediate_size: int = 256
@@ -122,7 +122,7 @@ class LLMConfig:
     own choice). The tiny preset ties them: a fact word's input embedding is then trained by every
     answer naming that fact, not only by the few questions that mention it, which is what yes/no
     claims ("Is the tone in audio 1 high?") compare an item against. The one 2-layer run that learned
-    claims was tied; thin evidence (README, "Learning")."""
+    claims was tied; thin evidence (issue 4's session notes)."""
     lora_r: int = 16
     """LoRA rank when stage 2 trains adapters instead of the full LM (peft's common default)."""
     lora_alpha: int = 32
