@@ -138,7 +138,7 @@ def score(prompts: list[dict], answers: list[str]) -> dict:
 @torch.no_grad()
 def eval_loss(model, rows: list[dict], index, context_length: int) -> float:
     """Teacher-forced mean cross-entropy over every assistant token of ``rows``."""
-    from jobs.rows import render_row
+    from training.rows import render_row
     from mmm.packing import model_inputs, pack_stream
 
     total, tokens = 0.0, 0
@@ -198,7 +198,7 @@ def plot_losses(paths: list[str], path: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jobs.metrics import read_jsonl
+    from training.metrics import read_jsonl
 
     found = [p for p in paths if os.path.exists(p)]
     fig, axes = plt.subplots(1, max(1, len(found)), figsize=(5 * max(1, len(found)), 3.5), squeeze=False)
@@ -237,7 +237,7 @@ def load_split(cfg: EvalConfig) -> list[dict]:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from jobs.rows import load_index
+    from training.rows import load_index
     from mmm.model import MMMModel
     from pipelines.storage import join
 

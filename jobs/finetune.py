@@ -10,10 +10,10 @@ Usage:
 
 Starts from a stage-1 export (``model.init``; its projectors and feature statistics) and refuses
 any other phase before a worker starts. Rows: the ``train`` split of ``ROOT/dialogues`` streamed
-through Ray Data, joined at read time with ``ROOT/features`` (jobs/rows.py), rendered and packed
+through Ray Data, joined at read time with ``ROOT/features`` (training/rows.py), rendered and packed
 to ``train.context_length``. Writes ``<run.output_dir>/final`` (HF layout, phase "stage2"; what
 serve and jobs/evaluate.py load) and ``<run.output_dir>/metrics.jsonl``.
-Every key of jobs/train_config.py's TrainConfig can be set (``key=value``, or ``--config`` YAML).
+Every key of training/config.py's TrainConfig can be set (``key=value``, or ``--config`` YAML).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import stages
+from training import stages
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,11 +10,11 @@ Usage:
 
 Rows: every media item of ``ROOT/media.parquet`` with a caption or transcript, as a one-turn chat
 (a short instruction in the item's language -> the caption), joined at read time with
-``ROOT/features`` (jobs/rows.py). Before training, each worker computes the FeatureNorm
+``ROOT/features`` (training/rows.py). Before training, each worker computes the FeatureNorm
 statistics (per position and channel) of the training features and stores them in the model.
 Writes ``<run.output_dir>/final`` (HF layout, phase "stage1"; jobs/finetune.py starts from it)
 and ``<run.output_dir>/metrics.jsonl``; Ray Train checkpoints go to ``run.storage_path``.
-Every key of jobs/train_config.py's TrainConfig can be set (``key=value``, or ``--config`` YAML).
+Every key of training/config.py's TrainConfig can be set (``key=value``, or ``--config`` YAML).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import stages
+from training import stages
 
 
 def main(argv: list[str] | None = None) -> dict:

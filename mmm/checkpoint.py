@@ -1,7 +1,7 @@
 """One checkpoint format for stage 1 -> stage 2 -> serve, in Hugging Face layout.
 
     <dir>/mmm.json             {"format": 1, "phase": ..., "config": ModelConfig as dict}
-    <dir>/llm/                 the causal LM (save_pretrained; LoRA merged in on save)
+    <dir>/llm/                 the causal LM (save_pretrained; LoRA and trained token rows merged in)
     <dir>/vision/, <dir>/audio/   the frozen encoders and their processors
     <dir>/projectors.safetensors  both projectors, with their feature-standardisation buffers,
                                and the item-number vectors where the config has them
@@ -13,10 +13,11 @@ Phases are named so a stage refuses a checkpoint of the wrong phase with a clear
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
+
+from . import lora
 
 PHASES = ("init", "stage1", "stage2")
 FORMAT = 1
@@ -33,7 +34,7 @@ def save(model, path: str, phase: str) -> None:
     if phase not in PHASES:
         raise CheckpointError(f"unknown phase {phase!r}; phases are {PHASES}")
     os.makedirs(path, exist_ok=True)
-    _merged_llm(model.llm).save_pretrained(os.path.join(path, "llm"))
+    lora.merged(model.llm).save_pretrained(os.path.join(path, "llm"))
     model.vision.tower.save_pretrained(os.path.join(path, "vision"))
     model.vision.processor.save_pretrained(os.path.join(path, "vision"))
     model.audio.encoder.save_pretrained(os.path.join(path, "audio"))
@@ -63,15 +64,16 @@ def check_phase(path: str, phase: str, expect) -> None:
         raise CheckpointError(f"checkpoint {path} is from phase {phase!r}, but this step needs one of {allowed}")
 
 
-def load(cls, path: str, expect_phase=None):
-    """Load a checkpoint (local directory or s3:// prefix) into ``cls`` (MMMModel)."""
+def load(cls, path: str, expect_phase=None, storage_options: dict | None = None):
+    """Load a checkpoint (local directory or s3:// prefix) into ``cls`` (MMMModel). ``storage_options``:
+    fsspec options of a remote path (endpoint, keys), e.g. ``{"client_kwargs": {"endpoint_url": ...}}``."""
     from safetensors.torch import load_file
 
     from .config import ModelConfig
     from .encoders import AudioEncoder, VisionEncoder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = localize(path)
+    local = localize(path, storage_options)
     meta = read_meta(local)
     if expect_phase is not None:
         check_phase(path, meta["phase"], expect_phase)
@@ -88,31 +90,13 @@ def load(cls, path: str, expect_phase=None):
     return model
 
 
-def localize(path: str) -> str:
+def localize(path: str, storage_options: dict | None = None) -> str:
     """s3:// (or any fsspec URL) -> a local copy; local paths pass through."""
     if "://" not in path:
         return path
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     target = tempfile.mkdtemp(prefix="mmm-ckpt-")
     fs.get(root.rstrip("/") + "/", target, recursive=True)
     return target
-
-
-def add_lora(llm, config):
-    """Wrap the LM with LoRA adapters (stage 2's parameter-efficient option)."""
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(llm, "peft_config"):
-        return llm
-    c = config.llm
-    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=0.0, target_modules=c.lora_targets, task_type="CAUSAL_LM")
-    return get_peft_model(llm, lora)
-
-
-def _merged_llm(llm):
-    """LoRA adapters are merged into a copy, so the saved LM loads with plain transformers."""
-    if hasattr(llm, "peft_config"):
-        return copy.deepcopy(llm).merge_and_unload()
-    return llm

@@ -123,12 +123,6 @@ class LLMConfig:
     answer naming that fact, not only by the few questions that mention it, which is what yes/no
     claims ("Is the tone in audio 1 high?") compare an item against. The one 2-layer run that learned
     claims was tied; thin evidence (issue 4's session notes)."""
-    lora_r: int = 16
-    """LoRA rank when stage 2 trains adapters instead of the full LM (peft's common default)."""
-    lora_alpha: int = 32
-    lora_targets: str = "all-linear"
-    """peft's shorthand for every linear layer but the output head (QLoRA's recommendation)."""
-
     def __post_init__(self) -> None:
         if self.tie_embeddings and self.pretrained:
             raise ValueError(f"llm.tie_embeddings applies to a randomly built LM; {self.pretrained!r} keeps its "

@@ -10,6 +10,7 @@ string). :func:`mmm.config.from_dict` builds the nested dataclasses and rejects 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -21,7 +22,13 @@ from .config import from_dict
 def load(cls: type, base: dict[str, Any], path: str | None = None, overrides: list[str] = ()) -> Any:
     """``base`` <- the YAML mapping at ``path`` <- ``key=value`` overrides, as a ``cls`` instance."""
     tree = merge(base, read_yaml(path)) if path else dict(base)
-    for key, value in map(parse_override, overrides):
+    return load_parsed(cls, tree, [parse_override(o) for o in overrides])
+
+
+def load_parsed(cls: type, tree: dict[str, Any], overrides=()) -> Any:
+    """``tree`` <- already parsed ``(dotted key, value)`` overrides, as a ``cls`` instance."""
+    tree = copy.deepcopy(tree)
+    for key, value in overrides:
         set_path(cls, tree, key, value)
     return from_dict(cls, coerce_tree(cls, tree, ""))
 

@@ -10,18 +10,21 @@ one position per span; the tiny preset turns both on) are explained in mmm/spans
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
 from . import checkpoint, generation
 from .attention import PACKED_SDPA, register as register_attention
-from .chat import PlaceholderMismatchError, Rendered, render
+from .chat import IGNORE_INDEX, PlaceholderMismatchError, Rendered, render
 from .config import ModelConfig
 from .encoders import build_encoders, load_pretrained
+from .lora import LoraSettings, add_lora
 from .projectors import AudioProjector, ItemOrdinals, VisionProjector
 from .schema import AUDIO, IMAGE, MODALITIES
 from .spans import default_positions, item_numbers, shared_span_positions
-from .tokenizer import AUDIO_PAD, AUDIO_START, IMAGE_PAD, IMAGE_START, load_tokenizer, stop_token_ids
+from .tokenizer import AUDIO_PAD, AUDIO_START, IMAGE_PAD, IMAGE_START, load_tokenizer, mmm_token_ids, stop_token_ids
 
 
 def build_llm(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -56,7 +59,7 @@ class MMMModel(nn.Module):
         if config.llm.attention == PACKED_SDPA:
             register_attention()
         llm.set_attn_implementation(config.llm.attention)
-        d = llm.get_input_embeddings().embedding_dim
+        d = self.embed_dim = llm.get_input_embeddings().embedding_dim  # (adapters later wrap the embedding)
         p = config.projector
         self.vision_projector = VisionProjector(vision.hidden_size, d, p.vision_hidden, vision.num_patches)
         self.audio_projector = AudioProjector(audio.hidden_size, d, p.audio_hidden, p.audio_stride, audio.positions)
@@ -81,23 +84,26 @@ class MMMModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, expect_phase: str | tuple[str, ...] | None = None, dtype: torch.dtype | None = None
+        cls, path: str, expect_phase: str | tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
+        storage_options: dict | None = None,
     ) -> "MMMModel":
-        """Load a checkpoint; ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model."""
-        model = checkpoint.load(cls, path, expect_phase)
+        """Load a checkpoint (a folder or s3:// prefix; ``storage_options`` as fsspec takes them);
+        ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model."""
+        model = checkpoint.load(cls, path, expect_phase, storage_options)
         return model.to(dtype) if dtype is not None else model
 
     def save_pretrained(self, path: str, phase: str | None = None) -> None:
         checkpoint.save(self, path, phase or self.phase)
 
-    def set_trainable(self, projectors: bool = True, llm: bool | str = False) -> None:
-        """Freeze flags: stage 1 is (True, False); stage 2 is (True, True) or (True, "lora")."""
+    def set_trainable(self, projectors: bool = True, llm: bool | LoraSettings = False) -> None:
+        """Freeze flags: stage 1 is (True, False); stage 2 is (True, True) or (True, LoraSettings(...)):
+        adapters on the LM, plus the rows of MMM's own tokens (mmm/lora.py)."""
         self.vision.requires_grad_(False)
         self.audio.requires_grad_(False)
         for part in self.projector_parts().values():
             part.requires_grad_(projectors)
-        if llm == "lora":
-            self.llm = checkpoint.add_lora(self.llm, self.config)
+        if isinstance(llm, LoraSettings):
+            self.llm = add_lora(self.llm, llm, mmm_token_ids(self.tokenizer))
         else:
             self.llm.requires_grad_(bool(llm))
 
@@ -136,7 +142,7 @@ class MMMModel(nn.Module):
         """Project each item, concatenated in order: (sum of tokens, D)."""
         proj = self._projector(modality)
         if not feats:
-            return torch.zeros(0, self.llm.get_input_embeddings().embedding_dim, dtype=dtype, device=device)
+            return torch.zeros(0, self.embed_dim, dtype=dtype, device=device)
         w = next(proj.parameters())
         return torch.cat([proj(f.to(device=device, dtype=w.dtype)) for f in feats]).to(dtype)
 
@@ -172,11 +178,20 @@ class MMMModel(nn.Module):
         return shared_span_positions(input_ids, position_ids, self.pad_ids.values())
 
     def forward(self, input_ids, image_features=(), audio_features=(), labels=None, attention_mask=None, position_ids=None):
-        embeds = self.embed(input_ids, image_features, audio_features, position_ids)
-        return self.llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False,
-            position_ids=self.lm_positions(input_ids, position_ids, attention_mask),
-        )
+        """(B, L) ids -> ``.logits`` (B, L, V); with ``labels``, ``.loss`` instead: the mean
+        cross-entropy of the labelled next tokens, the head run only where a label exists (the one
+        loss path of training and evaluation: answers are a few percent of a row's tokens, and the
+        head over the vocabulary is a large share of a small LM's work)."""
+        embeds = self.embed(input_ids, image_features, audio_features, position_ids)  # (B, L, D)
+        positions = self.lm_positions(input_ids, position_ids, attention_mask)
+        if labels is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                                        use_cache=False).last_hidden_state  # (B, L, D)
+        target = labels[:, 1:]  # (B, L-1): token t predicts t+1
+        keep = target != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+        return SimpleNamespace(loss=nn.functional.cross_entropy(logits.float(), target[keep]))
 
     def prefill(self, prompts):
         """The prompt pass of cached decoding. ``prompts``: (ids, image_features, audio_features)

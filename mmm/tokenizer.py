@@ -104,6 +104,13 @@ def load_tokenizer(cfg: TokenizerConfig, llm_name: str | None):
     return extend_tokenizer(load_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer"))
 
 
+def mmm_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokens MMM writes itself (media tags, turn markers): the rows a pretrained LM must
+    learn. The placeholders are left out: their embeddings are always replaced by features."""
+    names = [IMAGE_START, IMAGE_END, AUDIO_START, AUDIO_END, TURN_START, TURN_END]
+    return sorted({tokenizer.convert_tokens_to_ids(t) for t in names})
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Tokens that end an assistant turn."""
     ids = {tokenizer.convert_tokens_to_ids(TURN_END)}

@@ -74,15 +74,16 @@ def parse_pipeline_config(cls: type, path: Path):
 @pytest.fixture
 def train_configs(monkeypatch):
     """``load(stage, path)`` -> TrainConfig exactly as jobs/pretrain.py / jobs/finetune.py build it
-    (``jobs.stages.job_config``: defaults < job defaults < YAML), without reading ``model.init``
-    from S3 to learn its preset (no network in tests; the YAML names the preset anyway)."""
-    from jobs import stages
+    (``training.stages.job_config``: defaults < job defaults < YAML), without reading ``model.init``
+    from S3 to learn its preset (no network in tests; the run folders name it)."""
+    from training import stages
 
-    def offline(cfg):
-        raise OSError("tests do not read model.init from storage")
+    def offline(path, s3_endpoint=None):
+        preset = next((p for p in REAL_PRESETS if f"/{p}/" in path), "tiny")  # run folders name their preset
+        return stages.InitCheckpoint(path, "stage1", preset)
 
-    monkeypatch.setattr(stages, "read_phase", offline)
-    return lambda stage, path: stages.job_config(stage, "outputs/data", str(path), [])
+    monkeypatch.setattr(stages.InitCheckpoint, "read", staticmethod(offline))
+    return lambda stage, path: stages.job_config(stage, "outputs/data", str(path), [])[0]
 
 
 def load_job_config(path: Path, train_configs):
@@ -108,7 +109,7 @@ def test_job_config_loads_into_typed_config(path, train_configs):
 
 @pytest.mark.parametrize("preset", REAL_PRESETS)
 def test_real_presets_keep_the_papers_settings(preset, train_configs):
-    from jobs.stages import FINAL
+    from training.stages import FINAL
 
     stage1 = train_configs("pretrain", CLUSTER / f"configs/pretrain-{preset}.yaml")
     stage2 = train_configs("finetune", CLUSTER / f"configs/finetune-{preset}.yaml")
@@ -116,12 +117,13 @@ def test_real_presets_keep_the_papers_settings(preset, train_configs):
     assert stage1.llm == "frozen", "stage 1 trains the projectors only"
     assert stage2.llm == "full"
     t = stage2.train
-    assert (stage2.global_batch, t.lr, t.schedule, t.context_length) == (12, 2e-5, "constant", 8192)
+    positions = {"tinyllama": 2048, "mistral": 8192}[preset]  # the paper's 8192, bounded by the LM's positions
+    assert (stage2.global_batch, t.lr, t.schedule, t.context_length) == (12, 2e-5, "constant", positions)
     assert stage2.deepspeed.zero_stage == 2 and stage2.deepspeed.bf16 is True
     for cfg in (stage1, stage2):
         assert cfg.resources.use_gpu
         assert cfg.run.storage_path.startswith("s3://") and cfg.run.output_dir.startswith("s3://")
-    # Stage 2 starts from what stage 1 exports (jobs/stages.py: <output_dir>/final), and reads the
+    # Stage 2 starts from what stage 1 exports (training/stages.py: <output_dir>/final), and reads the
     # same data root.
     assert stage2.model.init == f"{stage1.run.output_dir}/{FINAL}"
     assert stage1.data.features == stage2.data.features
@@ -258,7 +260,7 @@ def top_level_names(path: Path) -> set[str]:
 
 
 def test_rayservice_serves_what_stage2_exports(train_configs):
-    from jobs.stages import FINAL
+    from training.stages import FINAL
 
     stage2 = train_configs("finetune", CLUSTER / "configs/finetune-mistral.yaml")
     assert serve_app()["args"]["checkpoint"] == f"{stage2.run.output_dir}/{FINAL}"

@@ -95,8 +95,8 @@ def job_logs(cluster: LocalRayCluster, job_id: str) -> str:
 def test_job_submit_runs_from_uploaded_working_dir(cluster, tmp_path):
     """The entrypoint runs in the uploaded copy, with the runtime env's env_vars, and succeeds."""
     env = local_runtime_env(tmp_path)
-    probe = ("import os, pathlib, sys; import jobs.train_config; "
-             "print('CWD', os.getcwd()); print('MOD', jobs.train_config.__file__); "
+    probe = ("import os, pathlib, sys; import training.config; "
+             "print('CWD', os.getcwd()); print('MOD', training.config.__file__); "
              "print('VENV', pathlib.Path('.venv').exists()); print('TOK', os.environ.get('TOKENIZERS_PARALLELISM'))")
     info = submit_and_wait(cluster, env, ["python", "-c", probe], "probe")
     logs = job_logs(cluster, "probe")

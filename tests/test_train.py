@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO))
 from jobs import evaluate as evaluate_job  # noqa: E402
 from jobs import finetune as finetune_job  # noqa: E402
 from jobs import pretrain as pretrain_job  # noqa: E402
-from jobs import rows as rows_mod  # noqa: E402
-from jobs import stages  # noqa: E402
-from jobs.answer_loss import AnswerLoss, unwrap  # noqa: E402
-from jobs.metrics import read_jsonl  # noqa: E402
+from training import rows as rows_mod  # noqa: E402
+from training import stages  # noqa: E402
+from training.presets import job_defaults  # noqa: E402
+from training.metrics import read_jsonl  # noqa: E402
 from mmm.checkpoint import CheckpointError  # noqa: E402
 from mmm.schema import KINDS, LANGS, MEDIA  # noqa: E402
 from pipelines.runtime import start_local_ray  # noqa: E402
@@ -100,7 +100,7 @@ def batches_by_modality(model, cfg, rows):
 
 
 def _hooks(make_batches):
-    from jobs.train_loop import TrainHooks
+    from training.loop import TrainHooks
     from mmm.packing import model_inputs
 
     return TrainHooks(build_model=stages.build_model, make_batches=make_batches, export=stages.export,
@@ -141,7 +141,7 @@ def _args(work: Path, stage: str, steps: int, every: int) -> list[str]:
 @pytest.fixture(scope="module")
 def stage1(ray_local, work):
     """Stage 1 interrupted on rank 1 in step 3 (after the step-2 checkpoint), then ``--resume``d."""
-    cfg, _ = stages.parse_args("pretrain", _args(work, "pretrain", STEPS1, 2), "")
+    cfg, _, _ = stages.parse_args("pretrain", _args(work, "pretrain", STEPS1, 2), "")
     hooks = _hooks(functools.partial(interrupted_batches, marker=str(work / "interrupted"), at=3, seen=[0]))
     with pytest.raises(Exception, match="injected interruption"):
         stages.run(cfg, train_hooks=hooks)
@@ -153,7 +153,7 @@ def stage1(ray_local, work):
 @pytest.fixture(scope="module")
 def stage2(stage1, work):
     argv = [*_args(work, "finetune", STEPS2, STEPS2), f"model.init={stage1.final}"]
-    cfg, _ = stages.parse_args("finetune", argv, "")
+    cfg, _, _ = stages.parse_args("finetune", argv, "")
     result = stages.run(cfg, train_hooks=_hooks(batches_by_modality))
     return SimpleNamespace(cfg=cfg, summary=result, final=work / "stage2" / "final",
                            log=read_jsonl(str(work / "stage2" / "metrics.jsonl")))
@@ -210,7 +210,7 @@ def test_stage2_starts_from_stage1_and_mixed_modality_ranks_finish(stage1, stage
     assert stage2.summary["steps"] == STEPS2, "a rank with only image rows and one with only audio rows must not hang"
     s1 = MMMModel.from_pretrained(str(stage1.final))
     threads = torch.get_num_threads()
-    start = unwrap(stages.build_model(stages.absolute_paths(stage2.cfg)))  # exactly what each stage-2 worker builds
+    start = stages.build_model(stages.absolute_paths(stage2.cfg))  # exactly what each stage-2 worker builds
     torch.set_num_threads(threads)
     s2 = MMMModel.from_pretrained(str(stage2.final), expect_phase="stage2")
     for proj in s1.projector_parts():
@@ -250,17 +250,23 @@ def test_evaluate_writes_every_kind_and_both_languages(stage1, stage2, work):
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
 
 
-def test_answer_loss_equals_the_models_own_loss(work, tiny_model):
+def test_the_models_loss_equals_the_lms_own_loss_over_every_position(stage1, work, tiny_model):
+    """The one loss path (the head only on labelled positions) equals transformers' causal-LM loss,
+    which runs the head at every position and ignores the unlabelled ones."""
     from mmm.packing import model_inputs, pack_stream
 
-    cfg, _ = stages.parse_args("finetune", _args(work, "finetune", 1, 1), "")
+    cfg, _, _ = stages.parse_args("finetune", [*_args(work, "finetune", 1, 1), f"model.init={stage1.final}"], "")
     cfg = stages.absolute_paths(cfg)
     index = rows_mod.load_index(cfg.data.features, (tiny_model.vision.name, tiny_model.audio.name), None, rows_mod._storage(cfg))
     rows = rows_mod.train_rows(cfg).to_pylist()[:40]
-    batch = next(pack_stream(rows_mod.samples(tiny_model, cfg, rows, index), 512, 2, tiny_model.tokenizer.pad_token_id))
+    batch = model_inputs(next(pack_stream(rows_mod.samples(tiny_model, cfg, rows, index), 512, 2,
+                                          tiny_model.tokenizer.pad_token_id)))
     with torch.no_grad():
-        full, sparse = tiny_model(**model_inputs(batch)).loss, AnswerLoss(tiny_model)(**model_inputs(batch)).loss
-    assert torch.allclose(full, sparse, rtol=1e-5), (full, sparse)
+        ours = tiny_model(**batch).loss
+        embeds = tiny_model.embed(batch["input_ids"], batch["image_features"], batch["audio_features"], batch["position_ids"])
+        positions = tiny_model.lm_positions(batch["input_ids"], batch["position_ids"])
+        hf = tiny_model.llm(inputs_embeds=embeds, position_ids=positions, labels=batch["labels"]).loss
+    assert torch.allclose(ours, hf, rtol=1e-5), (ours, hf)
 
 
 def test_normalize_and_config_layers(tmp_path):
@@ -268,7 +274,19 @@ def test_normalize_and_config_layers(tmp_path):
     assert evaluate_job.normalize("Ya!") == "ya"
     yaml_file = tmp_path / "s2.yaml"
     yaml_file.write_text("train:\n  lr: 1e-4\n  max_steps: 50\nmodel:\n  overrides: {llm: {num_layers: 3}}\n")
-    cfg = stages.job_config("finetune", "/d", str(yaml_file), ["train.max_steps=7"])
-    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.context_length) == (1e-4, 7, 512)  # TINY < YAML < CLI
+    cfg, init = stages.job_config("pretrain", "/d", str(yaml_file), ["train.max_steps=7"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.context_length) == (1e-4, 7, 512)  # preset < YAML < CLI
+    assert cfg.train.micro_batch_size == job_defaults("tiny").pretrain.train.micro_batch_size and init is None
     assert cfg.model.overrides == {"llm": {"num_layers": 3}} and cfg.data.features == "/d/features"
-    assert cfg.model.init == "outputs/demo/stage1/final" and cfg.run.output_dir == "outputs/demo/stage2"
+    assert stages.model_config(cfg).llm.num_layers == 3, "stage 1 honours model.overrides"
+    assert cfg.run.output_dir == "outputs/demo/stage1"
+
+
+def test_stage2_takes_its_preset_from_the_checkpoint_and_refuses_architecture_overrides(stage1, work, tmp_path):
+    cfg, init = stages.job_config("finetune", "/d", None, [f"model.init={stage1.final}", "lora.r=4", "llm=lora"])
+    assert (init.phase, init.preset, cfg.model.preset) == ("stage1", "tiny", "tiny")
+    assert cfg.train.max_steps == job_defaults("tiny").finetune.train.max_steps and cfg.lora.r == 4
+    with pytest.raises(ValueError, match=r"model.overrides \['llm'\] cannot change a stage-2 model"):
+        stages.job_config("finetune", "/d", None, [f"model.init={stage1.final}", "model.overrides={llm: {num_layers: 3}}"])
+    with pytest.raises(ValueError, match="unknown config key 'lora.rank'"):
+        stages.job_config("finetune", "/d", None, [f"model.init={stage1.final}", "lora.rank=4"])

@@ -1,4 +1,4 @@
-"""The shared training loop (jobs/train_loop.py) on local Ray with 2 CPU workers and DeepSpeed ZeRO-2.
+"""The shared training loop (training/loop.py) on local Ray with 2 CPU workers and DeepSpeed ZeRO-2.
 
 A tiny stand-in model (regression MLP; ``model(**batch).loss``) keeps this about the machinery:
 the loss falls; a worker that dies mid-run is replaced and the run still ends at max_steps;
@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jobs import storage
-from jobs.deepspeed_config import deepspeed_config, lr_lambda
-from jobs.metrics import read_jsonl
-from jobs.train_config import load_config
-from jobs.train_loop import TrainHooks, fit
+from training import storage
+from training.deepspeed_config import deepspeed_config, lr_lambda
+from training.metrics import read_jsonl
+from training.config import load_config
+from training.loop import TrainHooks, fit
 from pipelines.runtime import start_local_ray
 
 DIM = 8
@@ -210,7 +210,7 @@ def test_config_layers_and_clear_errors(tmp_path):
 
 
 def test_deepspeed_config_is_derived_from_the_typed_config():
-    cfg = load_config("finetune", overrides=["model.preset=mistral", "train.micro_batch_size=1", "train.grad_accum=6",
+    cfg = load_config("finetune", overrides=["model.preset=mistral", "resources.use_gpu=false", "train.micro_batch_size=1", "train.grad_accum=6",
                                              "resources.num_workers=2", "deepspeed.offload_optimizer=true"])
     ds = deepspeed_config(cfg)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (12, 1, 6)
@@ -221,3 +221,23 @@ def test_deepspeed_config_is_derived_from_the_typed_config():
     warm = load_config("pretrain", overrides=["train.warmup_steps=4", "train.max_steps=10", "train.schedule=cosine"])
     f = lr_lambda(warm)
     assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0) and f(9) < f(5) < f(4)
+
+
+def test_compat_deepspeed_still_builds_its_shm_op_where_training_skips_it():
+    """training/compat.py replaces DeepSpeed's CPU shm-op builder; this fails when upstream moves it,
+    stops calling it from the backend, or stops treating None as "use torch.distributed"."""
+    import importlib
+    import inspect
+
+    from training import compat
+
+    module = importlib.import_module(compat.SHM_MODULE)
+    init = inspect.getsource(module.TorchBackend.__init__)
+    assert f"{compat.SHM_BUILDER}()" in init, "DeepSpeed's backend no longer builds the shm op at init"
+    assert "shm_comm_op != None" in init or "shm_comm_op is not None" in init, "no fallback when the op is None"
+    original = getattr(module, compat.SHM_BUILDER)
+    try:
+        compat.skip_shm_comm_build()
+        assert getattr(module, compat.SHM_BUILDER)() is None
+    finally:
+        setattr(module, compat.SHM_BUILDER, original)

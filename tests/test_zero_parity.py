@@ -1,7 +1,7 @@
 """ZeRO-2 updates the tiny MMM model exactly as plain data parallelism does.
 
 Two gloo processes on 127.0.0.1 take the same three micro-batches each way: once through
-``deepspeed.initialize`` with the config jobs/deepspeed_config.py derives (ZeRO-2: gradients and
+``deepspeed.initialize`` with the config training/deepspeed_config.py derives (ZeRO-2: gradients and
 optimizer state partitioned across the ranks, clipping over the partitions), once by hand
 (all-reduce-averaged gradients, ``clip_grad_norm_``, AdamW, the same schedule). Rank 0 sees only
 image dialogues and rank 1 only audio ones, so each rank leaves one projector unused in its own
@@ -41,14 +41,13 @@ def _samples(model, rank: int, n: int = 6) -> list[dict]:
 
 def _fresh():
     """The tiny model as stage 2 trains it, the same weights on every call and every rank."""
-    from jobs.answer_loss import AnswerLoss
     from mmm.config import preset
     from mmm.model import MMMModel
 
     torch.manual_seed(0)
     model = MMMModel.build(preset("tiny"))
     model.set_trainable(projectors=True, llm=True)
-    return AnswerLoss(model).train()
+    return model.train()
 
 
 def _trainable(module) -> dict[str, torch.Tensor]:
@@ -56,17 +55,16 @@ def _trainable(module) -> dict[str, torch.Tensor]:
 
 
 def _batches(model, rank: int) -> list[dict]:
-    from jobs.answer_loss import unwrap
     from mmm.packing import collate_packed, model_inputs
 
-    samples = _samples(unwrap(model), rank)
+    samples = _samples(model, rank)
     per = len(samples) // STEPS
-    pad = unwrap(model).tokenizer.pad_token_id
+    pad = model.tokenizer.pad_token_id
     return [model_inputs(collate_packed(samples[s * per:(s + 1) * per], 256, pad)) for s in range(STEPS)]
 
 
 def _by_hand(model, cfg, batches) -> dict[str, torch.Tensor]:
-    from jobs.deepspeed_config import build_optimizer, build_scheduler, param_groups
+    from training.deepspeed_config import build_optimizer, build_scheduler, param_groups
 
     opt = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
     sched = build_scheduler(opt, cfg)
@@ -87,7 +85,7 @@ def _by_hand(model, cfg, batches) -> dict[str, torch.Tensor]:
 def _zero2(model, cfg, batches) -> dict[str, torch.Tensor]:
     import deepspeed
 
-    from jobs.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
+    from training.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
 
     opt = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg),
@@ -108,8 +106,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    from jobs.train_config import load_config
-    from jobs.train_loop import skip_shm_comm_build
+    from training.config import load_config
+    from training.compat import skip_shm_comm_build
 
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from jobs import storage
-from jobs.metrics import JsonlLogger, NullLogger, ProgressLogger
-from jobs.train_config import TrainConfig
+from training import storage
+from training.metrics import NullLogger, ProgressLogger, rank0_loggers
+from training.config import TrainConfig
 
 Batch = dict[str, Any]
 CHECKPOINT_TAG = "step_{:08d}"
@@ -168,7 +168,8 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
     import deepspeed
     import ray.train
 
-    from jobs.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
+    from training.compat import skip_shm_comm_build
+    from training.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
 
     t0 = time.time()
     if not cfg.resources.use_gpu:
@@ -183,7 +184,7 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
     staging = None if rank else _metrics_dir(cfg)
     metrics_path = None if rank else os.path.join(staging, "metrics.jsonl")
     start_step = _restore(engine, metrics_path)
-    records = JsonlLogger(metrics_path) if rank == 0 else NullLogger()
+    records = rank0_loggers(metrics_path, cfg.run.name or cfg.stage, _flat_params(cfg)) if rank == 0 else NullLogger()
     bar = ProgressLogger(cfg.train.max_steps, start_step, cfg.stage) if rank == 0 and cfg.run.progress else NullLogger()
     records.event("start", start_step=start_step, param_norm=_param_norm(engine.module), max_steps=cfg.train.max_steps, world_size=world,
                  global_batch=cfg.global_batch, bf16=bool(engine.bfloat16_enabled()), setup_s=round(time.time() - t0, 2))
@@ -193,16 +194,13 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
     return _Worker(cfg, hooks, engine, rank, world, start_step, batches, records, bar, metrics_path, staging)
 
 
-def skip_shm_comm_build() -> None:
-    """DeepSpeed's CPU backend JIT-builds its ``shm_comm`` op when it initializes (85 s on a fresh
-    venv here, then ~1 s of compiler probes per worker start), yet only its *inference* all-reduce
-    uses it; training collectives go through torch.distributed (gloo). Without it DeepSpeed falls
-    back to torch.distributed everywhere (deepspeed/comm/torch.py checks for None)."""
-    import importlib
-
-    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports torch itself under
-    # that attribute name, so the import statement would hand back (and patch) the torch package.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+def _flat_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as ``section.key`` -> value, for trackers that take flat parameters."""
+    out = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            out[f"{section}.{key}".rstrip(".")] = value
+    return out
 
 
 def _metrics_dir(cfg: TrainConfig) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from mmm import config_io
 
@@ -31,12 +31,36 @@ SCHEDULES = ("constant", "cosine", "linear")
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    """Model preset (mmm.config.preset) used when there is no ``init`` checkpoint to start from."""
+    """Model preset (a name in mmm.config.PRESETS): what stage 1 builds, and whose training defaults
+    (training/presets.py) a job starts from. Stage 2 takes it from ``init``'s checkpoint."""
     init: str | None = None
     """Checkpoint to start from (local or s3://): stage 2 starts from stage 1's export. None builds
     the preset fresh (stage 1 only)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """ModelConfig fields over the preset, nested (``{"llm": {"num_layers": 4}}``); tunes the tiny preset."""
+    """ModelConfig fields over the preset, nested (``{"llm": {"pretrained": "/ckpt/lm"}}``), checked
+    against ModelConfig's fields. Stage 1 only: stage 2's architecture is its checkpoint's, so there
+    any override is refused by name."""
+
+    def __post_init__(self) -> None:
+        from mmm.config import PRESETS
+
+        _check(self.preset in PRESETS, f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+
+
+@dataclass
+class LoraSection:
+    """Stage 2's adapters when ``llm: lora`` (peft). Ignored otherwise."""
+
+    r: int = 16
+    """Rank (peft's common default)."""
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: str | list[str] = "all-linear"
+    """peft's shorthand for every linear layer but the output head (QLoRA's recommendation), or module names."""
+    train_new_tokens: bool = True
+    """Train the embedding (and untied output) rows of the tokens MMM adds to a pretrained vocabulary
+    (media tags, ChatML turns the LM lacks). Frozen, they keep their random init and a new
+    ``<|im_end|>`` could never be learned, so the model would never stop."""
 
 
 @dataclass
@@ -128,9 +152,9 @@ class TrainConfig:
     stage: str = "finetune"
     """pretrain (stage 1: projectors on caption/transcript pairs) | finetune (stage 2: dialogues)."""
     llm: str = "full"
-    """What of the LM trains: frozen (stage 1) | full | lora. Projectors always train. LoRA's rank,
-    alpha and targets are model settings (mmm.config.LLMConfig.lora_*), set through model.overrides."""
+    """What of the LM trains: frozen (stage 1) | full | lora (settings in ``lora``). Projectors always train."""
     model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -150,6 +174,10 @@ class TrainConfig:
         _check(self.deepspeed.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {self.deepspeed.zero_stage}")
         _check(self.deepspeed.bf16 in ("auto", True, False), f"deepspeed.bf16 must be auto, true or false, got {self.deepspeed.bf16!r}")
         _check(self.resources.num_workers >= 1, "resources.num_workers must be >= 1")
+        _check(self.stage != "finetune" or not self.model.overrides,
+               f"model.overrides {sorted(self.model.overrides)} cannot change a stage-2 model: its architecture is "
+               "model.init's checkpoint (set them in stage 1; LoRA settings are the lora section)")
+        _check(self.lora.r >= 1 and self.lora.alpha >= 1, f"lora.r and lora.alpha must be >= 1, got {self.lora.r}, {self.lora.alpha}")
 
     @property
     def global_batch(self) -> int:
@@ -169,41 +197,53 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def stage_defaults(stage: str, preset: str = "tiny") -> dict[str, Any]:
-    """Defaults per stage and preset, as a dict that YAML and overrides are merged over.
+def stage_defaults(stage: str, preset: str = "tiny") -> TrainConfig:
+    """The typed defaults of one stage for one model preset (training/presets.py)."""
+    from training.presets import job_defaults
 
-    Real presets keep the paper: stage 2 constant lr 2e-5, batch 12, context 8192; stage 1 trains
-    projectors only at LLaVA's 1e-3 with cosine decay. The tiny preset scales down (context 1024,
-    the calibration's lr 2e-3 cosine) so a 2-core box learns in minutes.
-    """
     _check(stage in STAGES, f"stage must be one of {STAGES}, got {stage!r}")
-    d: dict[str, Any] = {"stage": stage, "llm": "frozen" if stage == "pretrain" else "full",
-                         "model": {"preset": preset}, "run": {"output_dir": f"outputs/{stage}"}}
-    train: dict[str, Any] = {}
-    if stage == "pretrain":
-        train.update(lr=1e-3, schedule="cosine", warmup_steps=10, context_length=2048)
-    if preset == "tiny":
-        train.update(context_length=1024, micro_batch_size=2, grad_accum=1, lr=2e-3, schedule="cosine",
-                     warmup_steps=10, min_lr_ratio=0.1, max_steps=300, checkpoint_every=100)
-    d["train"] = train
-    return d
+    return job_defaults(preset).for_stage(stage)
 
 
-# ---- loading: defaults <- YAML <- overrides --------------------------------------------------
+# ---- loading: defaults <- YAML <- overrides, each read once -------------------------------------
 
 
-def load_config(stage: str, path: str | None = None, overrides: list[str] = (), preset: str | None = None) -> TrainConfig:
-    """Build a TrainConfig: ``stage_defaults`` <- YAML file at ``path`` <- ``key=value`` overrides."""
-    tree = config_io.read_yaml(path) if path else {}
-    parsed = [config_io.parse_override(o) for o in overrides]
-    preset = preset or _lookup(parsed, "model.preset") or tree.get("model", {}).get("preset") or "tiny"
-    merged = config_io.merge(stage_defaults(stage, preset), tree)
-    _check(merged.get("stage", stage) == stage, f"config says stage {merged.get('stage')!r} but this job is {stage!r}")
-    return config_io.load(TrainConfig, merged, overrides=list(overrides))
+@dataclass(frozen=True)
+class Sources:
+    """What the user gave, read once: the YAML mapping and the parsed ``key=value`` overrides."""
+
+    tree: dict[str, Any]
+    overrides: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def read(cls, path: str | None = None, overrides: Iterable[str] = ()) -> "Sources":
+        tree = config_io.read_yaml(path) if path else {}
+        return cls(tree, tuple(config_io.parse_override(o) for o in overrides))
+
+    def lookup(self, dotted: str) -> Any:
+        """The value the user set for ``dotted`` (an override wins over the YAML), else None."""
+        for key, value in reversed(self.overrides):
+            if key == dotted:
+                return value
+        node: Any = self.tree
+        for name in dotted.split("."):
+            node = node.get(name) if isinstance(node, dict) else None
+        return node
 
 
-def _lookup(parsed: list[tuple[str, Any]], key: str) -> Any:
-    return next((v for k, v in reversed(parsed) if k == key), None)
+def load_config(stage: str, path: str | None = None, overrides: Iterable[str] = (), preset: str | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """``stage_defaults(stage, preset)`` <- ``base`` (a job's own defaults) <- YAML at ``path`` <-
+    ``key=value`` overrides. The preset is ``preset``, else the one the user names, else tiny."""
+    return load_sources(stage, Sources.read(path, overrides), preset, base)
+
+
+def load_sources(stage: str, sources: Sources, preset: str | None = None, base: dict[str, Any] | None = None) -> TrainConfig:
+    preset = preset or sources.lookup("model.preset") or "tiny"
+    tree = config_io.merge(stage_defaults(stage, preset).to_dict(), base or {})
+    tree = config_io.merge(tree, sources.tree)
+    _check(tree.get("stage", stage) == stage, f"config says stage {tree.get('stage')!r} but this job is {stage!r}")
+    return config_io.load_parsed(TrainConfig, tree, sources.overrides)
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -217,9 +257,3 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides, without --set")
 
 
-def config_from_args(stage: str, argv: list[str] | None = None, description: str = "") -> tuple[TrainConfig, bool]:
-    """Parse a job's command line: returns (config, resume)."""
-    parser = argparse.ArgumentParser(description=description)
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    return load_config(stage, args.config, [*args.overrides, *args.extra]), args.resume

@@ -1,4 +1,5 @@
-"""Small metric loggers for training jobs: a no-op default, a JSONL file, a progress bar.
+"""Small metric loggers for training jobs: a no-op default, a JSONL file, TensorBoard, MLflow, a
+progress bar.
 
 Only rank 0 gets a real logger (the loop hands the others :class:`NullLogger`), so there is one
 line per step however many workers run. Each JSONL line is one record: ``{"step": 10, "loss": ...}``
@@ -53,6 +54,68 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._f.close()
+
+
+class TensorBoardLogger:
+    """Scalars under ``<dir>`` (``tensorboard --logdir <dir>``), one tag per metric (``train/loss``)."""
+
+    def __init__(self, logdir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = logdir
+        self._writer = SummaryWriter(log_dir=logdir)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(f"train/{key}", value, step)
+        self._writer.flush()
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._writer.add_text(f"events/{name}", json.dumps(fields, default=str))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MlflowLogger:
+    """Metrics to MLflow's active tracking server (``MLFLOW_TRACKING_URI``), one run per training run."""
+
+    def __init__(self, run_name: str, params: dict[str, Any]):
+        import mlflow
+
+        self._mlflow = mlflow
+        self._run = mlflow.start_run(run_name=run_name)
+        mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def event(self, name: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def mlflow_configured() -> bool:
+    """MLflow logging is on when the package is installed and a tracking URI is set."""
+    import importlib.util
+
+    return bool(os.environ.get("MLFLOW_TRACKING_URI")) and importlib.util.find_spec("mlflow") is not None
+
+
+def rank0_loggers(metrics_path: str, run_name: str, params: dict[str, Any]) -> MetricsLogger:
+    """Rank 0's record of a run: metrics.jsonl, TensorBoard events beside it (``tensorboard/``), and
+    MLflow when configured. TensorBoard is optional: without the package the run logs the rest."""
+    loggers: list[MetricsLogger] = [JsonlLogger(metrics_path)]
+    try:
+        loggers.append(TensorBoardLogger(os.path.join(os.path.dirname(metrics_path), "tensorboard")))
+    except ImportError:
+        pass
+    if mlflow_configured():
+        loggers.append(MlflowLogger(run_name, params))
+    return MultiLogger(*loggers)
 
 
 class ProgressLogger:

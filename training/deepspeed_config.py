@@ -1,6 +1,6 @@
 """DeepSpeed config, optimizer and lr schedule, all derived from a :class:`TrainConfig`.
 
-Decisions (measured on the 2-core CPU box, see jobs/train_loop.py's docstring for figures):
+Decisions (measured on the 2-core CPU box, see training/loop.py's docstring for figures):
 
 * The optimizer is built here and handed to ``deepspeed.initialize`` as a client optimizer, not
   named in the JSON. Without offload that is ``torch.optim.AdamW`` (fused on CUDA), which needs no
@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
-from jobs.train_config import TrainConfig
+from training.config import TrainConfig
 
 
 def use_bf16(cfg: TrainConfig) -> bool:

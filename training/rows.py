@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from jobs.train_config import TrainConfig
+from training.config import TrainConfig
 from mmm.packing import pack_stream
 from mmm.schema import AUDIO, DIALOGUES, IMAGE, check_columns
 
@@ -111,7 +111,7 @@ def train_dataset(cfg: TrainConfig):
 
     if cfg.stage == "pretrain":
         return ray.data.from_arrow(train_rows(cfg))
-    from jobs.storage import resolve
+    from training.storage import resolve
 
     fs, path = resolve(cfg.data.dialogues, cfg.run.s3_endpoint)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=[*ROW_COLUMNS, "split"])
@@ -242,9 +242,6 @@ def packed_batches(model, cfg: TrainConfig, rows: Iterable[dict]) -> Iterator[di
     """TrainHooks.make_batches: one epoch of this worker's rows -> micro-batches of
     ``train.micro_batch_size`` packed rows of ``train.context_length`` (leftovers carried over, so
     rows stay full)."""
-    from jobs.answer_loss import unwrap
-
-    model = unwrap(model)  # the training wrapper's MMMModel renders
     index = worker_index(model, cfg)
     yield from pack_stream(samples(model, cfg, rows, index), cfg.train.context_length, cfg.train.micro_batch_size,
                            model.tokenizer.pad_token_id)

@@ -1,0 +1,60 @@
+"""LoRA adapters for stage 2 (peft), with the rows of MMM's added tokens trained too.
+
+A pretrained LM meets tokens it never saw: the media tags and, for LMs without ChatML, the turn
+markers. Their embedding rows (and output rows, where the head is not tied) start from the
+resize's initialisation; under plain LoRA they stay frozen, so the model could never learn to
+emit a new ``<|im_end|>`` and would never stop. peft's ``trainable_token_indices`` trains exactly
+those rows and merges them into the weights on save, so a merged checkpoint loads with plain
+transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: str | list[str] = "all-linear"
+    train_new_tokens: bool = True
+
+
+def add_lora(llm, settings: LoraSettings, token_ids: list[int]):
+    """Wrap ``llm`` with LoRA adapters; ``token_ids``' embedding and output rows train too."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(llm, "peft_config"):
+        return llm
+    trainable = None
+    if settings.train_new_tokens and token_ids:
+        trainable = {_module_name(llm, llm.get_input_embeddings()): list(token_ids)}
+        if not _tied(llm):
+            trainable[_module_name(llm, llm.get_output_embeddings())] = list(token_ids)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.targets, task_type="CAUSAL_LM", trainable_token_indices=trainable)
+    return get_peft_model(llm, config)
+
+
+def merged(llm):
+    """A copy of ``llm`` with adapters and trained token rows merged in (``llm`` itself if plain)."""
+    import copy
+
+    if hasattr(llm, "peft_config"):
+        return copy.deepcopy(llm).merge_and_unload()
+    return llm
+
+
+def _tied(llm) -> bool:
+    out = llm.get_output_embeddings()
+    return out is not None and out.weight is llm.get_input_embeddings().weight
+
+
+def _module_name(llm, module) -> str:
+    """The last component of ``module``'s name in ``llm`` (what peft matches: "embed_tokens", "lm_head")."""
+    for name, m in llm.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(llm).__name__}")
