@@ -266,15 +266,6 @@ def test_a_named_items_answer_starts_with_its_name():
     assert not any(a.startswith(("image ", "gambar ", "audio ")) for a in answers["visual_context"] + answers["image_audio"])
 
 
-@pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng is not installed")
-def test_spoken_words_decode_as_audio():
-    from mmm.media import decode_audio
-    from pipelines.synth.media import SPEECH, make_item
-
-    data, facts, ext = make_item(0, SPEECH, 1)
-    assert ext == "wav" and facts["word"] and len(decode_audio(data)) > SAMPLE_RATE // 10
-
-
 def test_jobs_help_and_bad_keys():
     out = subprocess.run([sys.executable, "jobs/features.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "encode.num_gpus" in out.stdout and "Usage:" in out.stdout

@@ -53,9 +53,10 @@ class OfflineConfig:
     num_audio: int = 1000
     """Distinct beep clips; 6 fact combinations. Each costs a full Whisper window to encode."""
     speech: bool = False
-    """Also speak colour words with espeak-ng (when installed). Off by default: output would then
-    depend on whether this machine has espeak-ng, and a seed must mean the same data everywhere."""
+    """Also speak phrases with espeak-ng (pipelines/synth/speech.py; an error when it is missing).
+    Off by default: the tiny preset's random encoder has nothing to learn from them."""
     num_speech: int = 200
+    """Spoken-phrase clips, both languages alternating; every eighth of each language is held out."""
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=2, batch_size=256, num_cpus=0.25))
     """Media-making actors (Pillow, numpy, file writes)."""
 
@@ -106,7 +107,9 @@ class OfflineGenerator:
     def _kinds(self) -> dict[str, int]:
         o = self.cfg.offline
         kinds = {IMAGE: o.num_images, AUDIO: o.num_audio}
-        if o.speech and espeak_available():
+        if o.speech:
+            if not espeak_available():
+                raise RuntimeError("offline.speech=true needs espeak-ng (apt-get install espeak-ng)")
             kinds[SPEECH] = o.num_speech
         return kinds
 
@@ -128,7 +131,7 @@ class OfflineGenerator:
         write_parquet_atomic(fs, manifest_table(rows), join(root, MANIFEST))
         self.pools = pools_from_manifest(rows)
         counts = Counter((r["kind"], r["split"]) for r in rows)
-        speech = "on" if SPEECH in kinds else "off" if not self.cfg.offline.speech else "off (espeak-ng not installed)"
+        speech = "on" if SPEECH in kinds else "off"
         return {"media": {f"{k}/{s}": n for (k, s), n in sorted(counts.items())}, "speech": speech}
 
     def _split(self, rows: list[dict], kinds: dict[str, int]) -> list[dict]:
@@ -140,7 +143,8 @@ class OfflineGenerator:
             if r["media_id"] in seen:
                 continue
             seen.add(r["media_id"])
-            out.append(dict(r, split="eval" if r["index"] < n_eval[r["kind"]] else "train"))
+            split = json.loads(r["facts"]).get("split")  # speech items are split by phrase (synth/speech.py)
+            out.append(dict(r, split=split or ("eval" if r["index"] < n_eval[r["kind"]] else "train")))
         return out
 
     def dialogues(self):
@@ -172,7 +176,7 @@ def manifest_table(rows: list[dict]) -> pa.Table:
             elif r["kind"] == AUDIO:
                 texts = [(audio_caption(facts, lg), None, lg) for lg in ("en", "ms")]
             else:
-                texts = [(None, facts["word"], facts["lang"])]
+                texts = [(None, facts["phrase"], facts["lang"])]
         out += [dict(base, caption=c, transcript=t, lang=lg) for c, t, lg in texts]
     names = ["uri", "modality", "caption", "transcript", "lang", "media_id", "kind", "index", "split", "facts"]
     types = [pa.string()] * 7 + [pa.int64(), pa.string(), pa.string()]

@@ -26,11 +26,12 @@ from mmm.schema import AUDIO, IMAGE
 
 from ..runtime import require
 from ..storage import StorageConfig, join
+from .speech import speak, speech_facts
 from .words import COLOURS, COUNTS, PITCHES, SHAPES
 
 SPEECH = "speech"
-"""A third kind of item, audio modality: a spoken word (only when espeak-ng is installed)."""
-SPEECH_WORDS = {"en": ("red", "green", "blue", "yellow"), "ms": ("merah", "hijau", "biru", "kuning")}
+"""A third kind of item, audio modality: a spoken phrase (pipelines/synth/speech.py; only when
+espeak-ng is installed)."""
 
 MANIFEST_ROW = pa.schema(
     [
@@ -55,7 +56,7 @@ def facts_for(seed: int, kind: str, index: int) -> dict:
     elif kind == AUDIO:
         combos = [dict(pitch=p, count=n) for p, n in itertools.product(PITCHES, COUNTS)]
     else:
-        combos = [dict(lang=lang, word=w) for lang, words in SPEECH_WORDS.items() for w in words]
+        return speech_facts(seed, index)
     random.Random(f"{seed}:{kind}:order").shuffle(combos)
     return dict(combos[index % len(combos)])
 
@@ -106,15 +107,6 @@ def make_beeps(facts: dict, rng: random.Random) -> bytes:
 
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
-
-
-def speak(facts: dict, rng: random.Random) -> bytes:
-    """A spoken word (espeak-ng, 22.05 kHz WAV; decoding resamples to 16 kHz)."""
-    voice = {"en": "en", "ms": "ms"}[facts["lang"]]
-    speed = str(rng.randint(140, 180))  # words per minute: a little variety between clips
-    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", speed, "-w", f.name, facts["word"]], check=True, capture_output=True)
-        return open(f.name, "rb").read()
 
 
 def make_item(seed: int, kind: str, index: int) -> tuple[bytes, dict, str]:

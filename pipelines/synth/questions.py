@@ -44,7 +44,7 @@ def attribute(item: Item, lang: str, rng: random.Random):
     in some runs and not others (README, "Learning").
     """
     if item.kind == "speech":
-        return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["word"]
+        return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["phrase"]
     attr = rng.choice(sorted(ATTRIBUTE[item.kind]))
     q = template(ATTRIBUTE[item.kind][attr], lang).format(ref=item.ref[lang])
     value = _value(attr, item.facts[attr], lang)

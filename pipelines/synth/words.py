@@ -99,7 +99,7 @@ CROSS = (
     "Are there as many shapes in {image} as beeps in {audio}?",
     "Adakah bilangan bentuk dalam {image} sama dengan bilangan bip dalam {audio}?",
 )
-SPEECH = ("What word is said in {ref}?", "Apakah perkataan yang disebut dalam {ref}?")
+SPEECH = ("What is said in {ref}?", "Apakah yang disebut dalam {ref}?")
 
 
 def things(kind: str, n: int, lang: str) -> str:
