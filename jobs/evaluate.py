@@ -237,6 +237,7 @@ def load_split(cfg: EvalConfig) -> list[dict]:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    from evaluation.speech import evaluate_speech, speech_ids
     from training.rows import load_index
     from mmm.model import MMMModel
     from pipelines.storage import join
@@ -246,11 +247,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     model = MMMModel.from_pretrained(cfg.model, expect_phase=("stage1", "stage2")).eval()
     rows = load_split(cfg)
+    manifest = os.path.join(cfg.data, "manifest.parquet")
     index = load_index(join(cfg.data, "features"), (model.vision.name, model.audio.name),
-                       {m for r in rows for m in r["media_ids"]}, cfg.storage)
+                       {m for r in rows for m in r["media_ids"]} | speech_ids(manifest), cfg.storage)
     prompts = turn_prompts(model, rows, index)
     result = score(prompts, answer(model, prompts, cfg.batch_size, cfg.max_new_tokens))
     result["loss"] = eval_loss(model, rows, index, cfg.loss_context)
+    speech = evaluate_speech(model, manifest, index)
+    if speech is not None:
+        result["speech"] = speech
     result["counts"]["dialogues"] = len(rows)
     result.update(model=cfg.model, phase=model.phase, seconds=round(time.time() - start, 1))
     return result
@@ -267,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     plot_accuracy(result, os.path.join(cfg.out, "accuracy.png"))
     plot_losses(cfg.metrics, os.path.join(cfg.out, "loss.png"))
     print(table(result))
+    if "speech" in result:
+        from evaluation.speech import table as speech_table
+
+        print(speech_table(result["speech"]))
     print(f"eval loss {result['loss']}  ({result['counts']['turns']} turns of {result['counts']['dialogues']} dialogues, "
           f"{result['seconds']} s) -> {cfg.out}/eval.json, accuracy.png, loss.png")
     return result

@@ -1,0 +1,1 @@
+"""Evaluation beyond exact match: what jobs/evaluate.py reports for speech."""
