@@ -78,9 +78,11 @@ PACKAGES = {
     )
 }
 
-# pip's words for "the network is not there" (as opposed to "the registry says no").
+# pip's words for "the network is not there" (as opposed to "the registry says no"). A pip that
+# cannot reach its index may say only that it found no release at all ("from versions: none"),
+# which for these pinned, published packages means the same.
 _UNREACHABLE = re.compile(
-    r"NewConnectionError|Network is unreachable|Name or service not known|Temporary failure in name resolution|"
+    r"from versions: none|NewConnectionError|Network is unreachable|Name or service not known|Temporary failure in name resolution|"
     r"Failed to establish a new connection|ConnectTimeout|ProxyError|Connection refused|Max retries exceeded|"
     r"Could not fetch URL|No route to host|timed out",
     re.IGNORECASE,
