@@ -211,7 +211,33 @@ def _mistral() -> ModelConfig:
     return cfg
 
 
-PRESETS = {"tiny": _tiny, "tinyllama": _tinyllama, "mistral": _mistral}
+def _small_real() -> ModelConfig:
+    """Real pretrained audio and language weights that fit a CPU: Whisper-base's encoder (74M-param
+    Whisper, encoder 20.6M; 30 s windows, only the frames that cover audio kept) and
+    SmolLM2-135M-Instruct (134.5M, 30 layers, 8192 positions) with its own tokenizer extended by
+    MMM's media tokens. The vision tower is a SMALL RANDOM SigLIP (the tiny preset's sizes: 32 px,
+    16 patches): no real SigLIP/CLIP weights exist in any registry package, so none exist offline.
+
+    ``pretrained`` points at the folders ``python jobs/weights.py small-real`` writes (under
+    ``$MMM_WEIGHTS_DIR``, default ``~/.cache/mmm/weights``; see mmm/weights). With a model hub the
+    same preset takes hub names: ``audio.pretrained=openai/whisper-base
+    llm.pretrained=HuggingFaceTB/SmolLM2-135M-Instruct``. Real-preset semantics: no item-number
+    vectors, the LM's own positions and tying.
+    """
+    from .weights import local_path
+
+    return ModelConfig(
+        preset="small-real",
+        vision=VisionConfig(),
+        audio=AudioConfig(pretrained=local_path("whisper-base"), init_std=0.02),
+        projector=ProjectorConfig(),
+        # 2048 of the LM's 8192 positions: a 30 s clip is 375 tokens, so several clips and turns fit, and
+        # CPU attention stays cheap; raise it for longer conversations
+        llm=LLMConfig(pretrained=local_path("smollm2-135m-instruct"), max_context=2048),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small-real": _small_real, "tinyllama": _tinyllama, "mistral": _mistral}
 
 
 def preset(name: str) -> ModelConfig:

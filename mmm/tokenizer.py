@@ -21,7 +21,8 @@ MEDIA_TOKENS = [IMAGE_START, IMAGE_END, IMAGE_PAD, AUDIO_START, AUDIO_END, AUDIO
 # {% generation %} markers let `return_assistant_tokens_mask` find the tokens that carry loss:
 # an assistant turn's content and its closing <|im_end|> (so the model learns to stop).
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    # a tokenizer whose bos IS the turn opener (SmolLM2's <|im_start|>) must not get it twice
+    "{% if bos_token and bos_token != '<|im_start|>' %}{{ bos_token }}{% endif %}"
     "{% for m in messages %}"
     "{{ '<|im_start|>' + m['role'] + '\n' }}"
     "{% if m['role'] == 'assistant' %}"
@@ -86,12 +87,26 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
 
 
 def extend_tokenizer(tokenizer):
-    """Add MMM's media and turn tokens and the chat template to any HF tokenizer."""
+    """Add MMM's media and turn tokens and the chat template to any HF tokenizer.
+
+    Tokens the tokenizer already has (SmolLM2's ``<|im_start|>``/``<|im_end|>``) keep their ids, so
+    the LM's vocabulary grows only by the really new ones."""
     tokenizer.add_special_tokens({"additional_special_tokens": MEDIA_TOKENS + [TURN_START, TURN_END]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD})
+    tokenizer.pad_token = _pad_token(tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _pad_token(tokenizer) -> str:
+    """A pad that never stands for a token the model must learn to say: a pretrained tokenizer's pad
+    is often its end-of-turn token (SmolLM2, TinyLlama), so its unused unk token is taken instead,
+    and a new <|pad|> only when there is neither."""
+    ends = {TURN_END, tokenizer.eos_token, tokenizer.bos_token, TURN_START}
+    for candidate in (tokenizer.pad_token, tokenizer.unk_token):
+        if candidate is not None and candidate not in ends:
+            return candidate
+    tokenizer.add_special_tokens({"pad_token": PAD})
+    return PAD
 
 
 def load_tokenizer(cfg: TokenizerConfig, llm_name: str | None):
