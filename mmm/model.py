@@ -93,10 +93,12 @@ class MMMModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, expect_phase: str | tuple[str, ...] | None = None, dtype: torch.dtype | None = None
+        cls, path: str, expect_phase: str | tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
+        storage_options: dict | None = None,
     ) -> "MMMModel":
-        """Load a checkpoint; ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model."""
-        model = checkpoint.load(cls, path, expect_phase)
+        """Load a checkpoint; ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model.
+        ``storage_options``: fsspec options for an s3:// ``path`` (endpoint, keys; mmm/checkpoint.py)."""
+        model = checkpoint.load(cls, path, expect_phase, storage_options)
         return model.to(dtype) if dtype is not None else model
 
     def save_pretrained(self, path: str, phase: str | None = None) -> None:
