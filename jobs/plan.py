@@ -11,6 +11,8 @@ total) and trainable per stage, LM tokens per 384 px image and per 30 s clip, an
 ZeRO-2, ZeRO-2 with optimizer offload, and ZeRO-3 at that GPU count, context and micro-batch, for
 ``--stage`` (default: stage 2, full fine-tune) with or without gradient checkpointing; a table of
 every stage and checkpointing choice follows. The memory model is written down in mmm/plan.py.
+The training jobs do not turn gradient checkpointing on today (jobs/train_loop.py): the
+"checkpointed" figures say what ``llm.gradient_checkpointing_enable()`` there would save.
 A context beyond the LM's positions is refused, naming both numbers (exit status 2). The last line
 is one JSON object: ``params``, ``tokens_per_image``, ``tokens_per_30s_audio``, ``gib_per_gpu``, ...
 """
