@@ -147,7 +147,7 @@ def pipeline(paths: list[Path], out: Path, batch: int, actors: int, readers: int
         write=PoolConfig(concurrency=1, batch_size=batch, num_cpus=0.25),
     )
     start = time.time()
-    ds = build_pipeline(cfg, unique_uris(read_source(cfg.source, cfg.storage)), preset(cfg.preset))
+    ds = build_pipeline(cfg, unique_uris(read_source(cfg.source, cfg.storage)), cfg.model.config())
     marks = []
     for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         # "skipped": byte-identical files (a few among thousands of random layouts) are encoded once

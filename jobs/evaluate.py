@@ -245,7 +245,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = MMMModel.from_pretrained(cfg.model, expect_phase=("stage1", "stage2")).eval()
+    model = MMMModel.from_pretrained(cfg.model, expect_phase=("stage1", "stage2"),
+                                     storage_options=cfg.storage.storage_options()).eval()
     rows = load_split(cfg)
     manifest = os.path.join(cfg.data, "manifest.parquet")
     index = load_index(join(cfg.data, "features"), (model.vision.name, model.audio.name),

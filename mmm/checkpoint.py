@@ -9,13 +9,22 @@
 
 Phases are named so a stage refuses a checkpoint of the wrong phase with a clear message
 (LLaVA's users lost projectors between stages when this was implicit).
+
+A checkpoint may also be read from an fsspec URL (``s3://bucket/run/final``): it is copied to a
+temporary folder, loaded, and the copy removed. ``storage_options`` are fsspec's keyword
+arguments for that filesystem; for S3 through s3fs, ``{"key": ..., "secret": ..., "client_kwargs":
+{"endpoint_url": "http://127.0.0.1:9000", "region_name": "us-east-1"}}``. Jobs build them from
+their storage config (``pipelines.storage.StorageConfig.storage_options()``); None uses s3fs's own
+defaults (AWS environment variables, an instance role).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from typing import Any
 
 from . import lora
 
@@ -64,16 +73,23 @@ def check_phase(path: str, phase: str, expect) -> None:
         raise CheckpointError(f"checkpoint {path} is from phase {phase!r}, but this step needs one of {allowed}")
 
 
-def load(cls, path: str, expect_phase=None, storage_options: dict | None = None):
-    """Load a checkpoint (local directory or s3:// prefix) into ``cls`` (MMMModel). ``storage_options``:
-    fsspec options of a remote path (endpoint, keys), e.g. ``{"client_kwargs": {"endpoint_url": ...}}``."""
+def load(cls, path: str, expect_phase=None, storage_options: dict[str, Any] | None = None):
+    """Load a checkpoint (local directory, or s3:// prefix read with ``storage_options``) into ``cls``."""
+    local = localize(path, storage_options)
+    try:
+        return _load_local(cls, local, path, expect_phase)
+    finally:
+        if local != path:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def _load_local(cls, local: str, path: str, expect_phase):
     from safetensors.torch import load_file
 
     from .config import ModelConfig
     from .encoders import AudioEncoder, VisionEncoder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = localize(path, storage_options)
     meta = read_meta(local)
     if expect_phase is not None:
         check_phase(path, meta["phase"], expect_phase)
@@ -90,13 +106,16 @@ def load(cls, path: str, expect_phase=None, storage_options: dict | None = None)
     return model
 
 
-def localize(path: str, storage_options: dict | None = None) -> str:
-    """s3:// (or any fsspec URL) -> a local copy; local paths pass through."""
+def localize(path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """s3:// (or any fsspec URL) -> a local copy, read with ``storage_options``; local paths pass through."""
     if "://" not in path:
         return path
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{META}"):
+        raise CheckpointError(f"{path} is not an MMM checkpoint (no {META} there; an interrupted save leaves none)")
     target = tempfile.mkdtemp(prefix="mmm-ckpt-")
-    fs.get(root.rstrip("/") + "/", target, recursive=True)
+    fs.get(root + "/", target, recursive=True)
     return target

@@ -200,7 +200,8 @@ def _tinyllama() -> ModelConfig:
         vision=VisionConfig(pretrained="google/siglip-base-patch16-384"),
         audio=AudioConfig(pretrained="openai/whisper-small", init_std=0.02),
         projector=ProjectorConfig(),
-        llm=LLMConfig(pretrained="TinyLlama/TinyLlama-1.1B-Chat-v1.0", max_context=8192),
+        # TinyLlama was trained with 2048 positions (its config.json); the paper's 8192 needs Mistral
+        llm=LLMConfig(pretrained="TinyLlama/TinyLlama-1.1B-Chat-v1.0", max_context=2048),
     )
 
 

@@ -33,6 +33,16 @@ def load_parsed(cls: type, tree: dict[str, Any], overrides=()) -> Any:
     return from_dict(cls, coerce_tree(cls, tree, ""))
 
 
+def model_config(preset_name: str, overrides: dict[str, Any] | None = None):
+    """A preset (``mmm.config.preset``) with nested ``ModelConfig`` field overrides over it
+    (``{"audio": {"pretrained": "/ckpt/whisper"}}``): values coerced to the field types, an unknown
+    key an error that names it."""
+    from .config import ModelConfig, preset
+
+    tree = merge(preset(preset_name).to_dict(), overrides or {})
+    return from_dict(ModelConfig, coerce_tree(ModelConfig, tree, "model"))
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     import yaml
 

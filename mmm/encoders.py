@@ -42,16 +42,42 @@ def load_pretrained(loader, name: str, what: str, **kwargs):
         ) from None
 
 
-def encoder_id(cfg, seed: int) -> str:
-    """What produced the weights: the checkpoint's name, or a digest of the random-init config.
+# Fields of a transformers config that say where or how a checkpoint was saved or run, not what
+# the encoder computes: a hub name, a local folder and a saved MMM checkpoint differ only in these.
+_NOT_IDENTITY = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+    "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "auto_map", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    # generation-only settings of an encoder-decoder checkpoint; the encoder never reads them
+    "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids", "max_length",
+})
 
-    It names the ``encoder`` column of the feature store, so it must not change when a model is
-    saved and reloaded from another folder, and must change when the tiny encoder's sizes do.
+
+def encoder_id(cfg, seed: int, hf_config=None) -> str:
+    """What produced the weights: a digest of the checkpoint's config, or of the random-init config.
+
+    It names the ``encoder`` column of the feature store, so it must not depend on how the
+    checkpoint was named: the hub name, a local copy and a saved-and-reloaded MMM checkpoint
+    (its ``vision/`` or ``audio/`` folder) give the same id, because the digest covers the loaded
+    model's config minus path-like and runtime fields (``_NOT_IDENTITY``). Two checkpoints of the
+    same architecture (a model and its fine-tune) share an id: give a fine-tuned encoder's features
+    their own store. A random tiny encoder's id digests its MMM config and seed instead.
     """
-    if cfg.pretrained:
-        return cfg.pretrained
+    if cfg.pretrained and hf_config is not None:
+        return f"cfg-{config_digest(hf_config.to_dict())[:12]}"
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), seed], sort_keys=True).encode()).hexdigest()
     return f"tiny-random-{digest[:8]}"
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of a transformers config dict without the fields in ``_NOT_IDENTITY`` (nested ones too)."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in _NOT_IDENTITY}
+        return value
+
+    return hashlib.sha256(json.dumps(clean(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -63,14 +89,18 @@ def _freeze(module: nn.Module) -> nn.Module:
 class VisionEncoder(nn.Module):
     """SigLIP vision tower; returns the hidden state of ``select_layer`` for every patch."""
 
-    def __init__(self, cfg: VisionConfig, seed: int = 0, weights: str | None = None):
-        """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model)."""
+    def __init__(self, cfg: VisionConfig, seed: int = 0, weights: str | None = None, architecture=None):
+        """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model).
+        ``architecture``: a ``SiglipVisionConfig`` to build the tower from without loading weights
+        (the planner builds real sizes on the meta device; see mmm/meta.py)."""
         super().__init__()
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
         self.cfg = cfg
         source = weights or cfg.pretrained
-        if source:
+        if architecture is not None:
+            self.tower = SiglipVisionModel(architecture)
+        elif source:
             self.tower = load_pretrained(SiglipVisionModel.from_pretrained, source, "vision")
         else:
             torch.manual_seed(seed)
@@ -85,12 +115,15 @@ class VisionEncoder(nn.Module):
                     vision_use_head=False,  # the pooled head is unused: we keep every patch
                 )
             )
-        self.processor = image_processor(cfg, weights)
-        _freeze(self.tower)
         tc = self.tower.config
+        if architecture is not None:
+            self.processor = SiglipImageProcessorPil(size={"height": tc.image_size, "width": tc.image_size})
+        else:
+            self.processor = image_processor(cfg, weights)
+        _freeze(self.tower)
         self.hidden_size = tc.hidden_size
         self.num_patches = (tc.image_size // tc.patch_size) ** 2
-        self.name = f"siglip:{encoder_id(cfg, seed)}:layer{cfg.select_layer}"
+        self.name = f"siglip:{encoder_id(cfg, seed, tc)}:layer{cfg.select_layer}"
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> (B, 3, H, W) pixel values, equal to the processor's (see mmm.pixels)."""
@@ -140,15 +173,21 @@ class AudioEncoder(nn.Module):
     Audio longer than a window is covered by consecutive windows, concatenated in time.
     """
 
-    def __init__(self, cfg: AudioConfig, seed: int = 0, weights: str | None = None):
-        """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model)."""
+    def __init__(self, cfg: AudioConfig, seed: int = 0, weights: str | None = None, architecture=None):
+        """``weights``: a folder to load from instead of ``cfg.pretrained`` (a saved MMM model).
+        ``architecture``: a ``WhisperConfig`` to build the encoder from without loading weights
+        (the planner builds real sizes on the meta device; see mmm/meta.py)."""
         super().__init__()
         from transformers import WhisperConfig, WhisperFeatureExtractor
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         self.cfg = cfg
         source = weights or cfg.pretrained
-        if source:
+        if architecture is not None:
+            self.encoder = WhisperEncoder(architecture)
+            seconds = architecture.max_source_positions // ENCODER_FRAMES_PER_SECOND
+            self.extractor = WhisperFeatureExtractor(feature_size=architecture.num_mel_bins, chunk_length=seconds)
+        elif source:
             self.encoder = load_pretrained(_load_whisper_encoder, source, "audio")
             self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, source, "audio features")
         else:
@@ -174,7 +213,7 @@ class AudioEncoder(nn.Module):
         self.hidden_size = self.encoder.config.d_model
         self.positions = self.encoder.config.max_source_positions
         self.window_samples = int(self.extractor.chunk_length * SAMPLE_RATE)
-        self.name = f"whisper:{encoder_id(cfg, seed)}:layer{cfg.select_layer}:{self.extractor.chunk_length}s"
+        self.name = f"whisper:{encoder_id(cfg, seed, self.encoder.config)}:layer{cfg.select_layer}:{self.extractor.chunk_length}s"
 
     def windows(self, wave: np.ndarray) -> list[np.ndarray]:
         step = self.window_samples

@@ -51,11 +51,23 @@ def build_llm(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     )
 
 
+def check_context(config: ModelConfig, llm: nn.Module) -> None:
+    """Refuse an ``llm.max_context`` the LM has no positions for (RoPE past its trained length
+    degrades silently; learned position tables index out of range)."""
+    positions = getattr(llm.config, "max_position_embeddings", None)
+    if positions is not None and config.llm.max_context > positions:
+        raise ValueError(
+            f"llm.max_context {config.llm.max_context} exceeds the LM's max_position_embeddings {positions} "
+            f"({config.llm.pretrained or 'random LM'}): set llm.max_context <= {positions}"
+        )
+
+
 class MMMModel(nn.Module):
     def __init__(self, config: ModelConfig, tokenizer, vision, audio, llm, phase: str = "init"):
         super().__init__()
         self.config, self.tokenizer, self.phase = config, tokenizer, phase
         self.vision, self.audio, self.llm = vision, audio, llm
+        check_context(config, llm)
         if config.llm.attention == PACKED_SDPA:
             register_attention()
         llm.set_attn_implementation(config.llm.attention)
@@ -87,8 +99,8 @@ class MMMModel(nn.Module):
         cls, path: str, expect_phase: str | tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
         storage_options: dict | None = None,
     ) -> "MMMModel":
-        """Load a checkpoint (a folder or s3:// prefix; ``storage_options`` as fsspec takes them);
-        ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model."""
+        """Load a checkpoint; ``dtype`` (e.g. torch.bfloat16 on a GPU) casts the whole model.
+        ``storage_options``: fsspec options for an s3:// ``path`` (endpoint, keys; mmm/checkpoint.py)."""
         model = checkpoint.load(cls, path, expect_phase, storage_options)
         return model.to(dtype) if dtype is not None else model
 

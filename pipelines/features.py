@@ -4,6 +4,13 @@ One streaming Ray Data pass::
 
     uris -> [ReadBytes -> Decode] -> EncodeMedia (actors, CPU or GPU) -> WriteFeatures -> results
 
+The encoders are those of ``model``: a preset plus nested ``ModelConfig`` overrides, the same
+shape as the training jobs' ``model`` section (:class:`FeatureModel`). A local checkpoint folder
+or a hub name goes in ``model.overrides.<vision|audio>.pretrained``; local paths are made
+absolute, so actors load the same folder wherever they run. The store keys features by encoder
+name, a digest of the loaded checkpoint's config (mmm/encoders.py): a hub name and a local copy
+of the same checkpoint find each other's features.
+
 Decode runs on CPU actors and hands the encoders their input (resized uint8 pixels, 16 kHz
 samples), so each file is decoded once and the encoder actors only normalise and run the towers.
 
@@ -15,15 +22,17 @@ loses at most the batches in flight and a rerun encodes only what is missing.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmm.config import ModelConfig, preset
+from mmm.config import ModelConfig
 from mmm.media import MediaLimits
 from mmm.schema import AUDIO, IMAGE, encode_tensor
 
@@ -47,13 +56,39 @@ RESULT = pa.schema([f for f in ENCODED if f.name != "data"] + [("part", pa.strin
 
 
 @dataclass
+class FeatureModel:
+    """Which frozen encoders make the features: ``model.preset=tiny`` plus overrides such as
+    ``model.overrides.audio.pretrained=/ckpt/whisper-base`` (YAML: ``model: {preset: ..., overrides:
+    {audio: {pretrained: ...}}}``)."""
+
+    preset: str = "tiny"
+    """Model preset (mmm.config.preset) whose frozen encoders make the features."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields over the preset, nested (``{"audio": {"pretrained": "/ckpt/whisper"}}``);
+    checked when the job starts, so a misspelt field is an error that names it."""
+
+    def __post_init__(self) -> None:
+        self.config()  # fail at parse time, not in an actor
+
+    def config(self) -> ModelConfig:
+        """The preset with the overrides; a ``pretrained`` that is an existing local path made absolute."""
+        from mmm.config_io import model_config
+
+        cfg = model_config(self.preset, self.overrides)
+        for part in (cfg.vision, cfg.audio):
+            if part.pretrained and os.path.exists(part.pretrained):
+                part.pretrained = os.path.abspath(part.pretrained)
+        return cfg
+
+
+@dataclass
 class FeaturesConfig:
     source: str = ""
     """A manifest (.parquet/.jsonl with uri + optional caption/transcript/lang), a folder or an s3:// prefix."""
     out: str = "outputs/data"
     """Root for media.parquet, errors.parquet and features/ (local path or s3://bucket/prefix)."""
-    preset: str = "tiny"
-    """Model preset whose frozen encoders make the features (their names key the store)."""
+    model: FeatureModel = field(default_factory=FeatureModel)
+    """The encoders (a preset and overrides); their names key the store."""
     ingest: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=64, num_cpus=0.25))
     """Read + hash + decode (+ resize images for the encoder), chained in one light CPU actor."""
     encode: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=2, batch_size=64, num_cpus=0.5))
@@ -176,7 +211,7 @@ def run_features(cfg: FeaturesConfig) -> dict:
     start = time.time()
     source = read_source(cfg.source, cfg.storage)
     uris = unique_uris(source)
-    ds = build_pipeline(cfg, uris, preset(cfg.preset))
+    ds = build_pipeline(cfg, uris, cfg.model.config())
     parts = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
     results = pa.concat_tables(parts) if parts else RESULT.empty_table()
     fs, root = cfg.storage.filesystem(cfg.out)

@@ -29,15 +29,19 @@ class StorageConfig:
     region: str = "us-east-1"
     """moto and MinIO accept any region; AWS needs the bucket's."""
 
+    def storage_options(self) -> dict:
+        """fsspec/s3fs keyword arguments for the same storage (what ``MMMModel.from_pretrained`` takes)."""
+        client = {"region_name": self.region}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        return {"key": self.key, "secret": self.secret, "client_kwargs": client}
+
     def filesystem(self, uri: str):
         """The fsspec filesystem for ``uri`` and the path inside it (no scheme)."""
         if uri.startswith("s3://"):
             import s3fs
 
-            client = {"region_name": self.region}
-            if self.endpoint_url:
-                client["endpoint_url"] = self.endpoint_url
-            fs = s3fs.S3FileSystem(key=self.key, secret=self.secret, client_kwargs=client)
+            fs = s3fs.S3FileSystem(**self.storage_options())
             return fs, uri[len("s3://") :].rstrip("/")
         from fsspec.implementations.local import LocalFileSystem
 

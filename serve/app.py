@@ -65,7 +65,7 @@ class ChatModel:
         cfg = ServeArgs.model_validate(args)
         # The GPU follows the resources Ray gave this replica (the deploy YAML may add num_gpus).
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device)
+        engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device, cfg.storage_options)
         self.service = ChatService(engine, FeatureCache(cfg.cache_bytes), cfg.limits())
         self.scheduler = Scheduler(self.service, cfg.max_batch_size)
         self.chat_batch.set_max_batch_size(cfg.max_batch_size)

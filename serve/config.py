@@ -6,6 +6,7 @@ part of them the request parser needs. Every default says why it is what it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +47,10 @@ class ServeArgs(BaseModel):
     checkpoint: str | None = None
     """A directory written by ``MMMModel.save_pretrained`` (local or s3://). None: the newest under
     ``outputs/demo`` if there is one, else the tiny preset with random weights."""
+    storage_options: dict[str, Any] | None = None
+    """fsspec options for an s3:// checkpoint, as ``mmm.checkpoint`` takes them, e.g. ``{"client_kwargs":
+    {"endpoint_url": "http://minio:9000"}}``. Keep keys out of it (args show up in dashboards): s3fs
+    reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the replica's environment. None: s3fs's defaults."""
     preset: str = "tiny"
     """Preset built when there is no checkpoint (tiny: runs anywhere, offline)."""
     search_dir: str = "outputs/demo"

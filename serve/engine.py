@@ -100,8 +100,10 @@ def resolve_checkpoint(checkpoint: str | None, search_dir: str) -> str | None:
     return os.path.abspath(found) if found else None
 
 
-def load_engine(checkpoint: str | None, preset: str, model_id: str | None, device: str) -> MMMEngine:
-    """Build the model in the replica: a checkpoint (local or s3://) or an untrained preset."""
+def load_engine(checkpoint: str | None, preset: str, model_id: str | None, device: str,
+                storage_options: dict | None = None) -> MMMEngine:
+    """Build the model in the replica: a checkpoint (local, or s3:// read with ``storage_options``)
+    or an untrained preset."""
     from mmm.config import preset as make_preset
     from mmm.model import MMMModel
 
@@ -111,7 +113,7 @@ def load_engine(checkpoint: str | None, preset: str, model_id: str | None, devic
 
         # bf16 halves memory and runs on tensor cores; CPUs keep fp32 (slow bf16 kernels there)
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-        model = MMMModel.from_pretrained(checkpoint, dtype=dtype)
+        model = MMMModel.from_pretrained(checkpoint, dtype=dtype, storage_options=storage_options)
     else:
         log.info("no checkpoint: serving the untrained %r preset", preset)
         model = MMMModel.build(make_preset(preset))

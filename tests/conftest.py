@@ -30,3 +30,21 @@ def tiny_model():
     from mmm.model import MMMModel
 
     return MMMModel.build(preset("tiny")).eval()
+
+
+@pytest.fixture
+def s3():
+    """A local S3 (moto) on 127.0.0.1 with bucket ``mmm-test``; yields the StorageConfig that reaches it."""
+    import boto3  # moto's own dependency; s3fs would send a LocationConstraint moto refuses for us-east-1
+    from moto.server import ThreadedMotoServer
+
+    from pipelines.storage import StorageConfig
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    storage = StorageConfig(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
+    boto3.client("s3", endpoint_url=storage.endpoint_url, aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="mmm-test")
+    yield storage
+    server.stop()

@@ -273,22 +273,6 @@ def test_jobs_help_and_bad_keys():
         synth_job.main(["dialogues.nope=1"])
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    storage = StorageConfig(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
-    import boto3  # moto's own dependency; s3fs would send a LocationConstraint moto refuses for us-east-1
-
-    boto3.client("s3", endpoint_url=storage.endpoint_url, aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="mmm-test")
-    yield storage
-    server.stop()
-
-
 def test_local_ray_listens_on_loopback_only(ray_local):
     """What the tests and a job without RAY_ADDRESS start (pipelines.runtime.start_local_ray)."""
     from helpers import ray_listening_addresses
