@@ -138,7 +138,7 @@ def build_model(cfg: TrainConfig):
         rows.set_feature_stats(model, rows.worker_index(model, cfg))
         model.set_trainable(projectors=True, llm=False)
     else:
-        model = MMMModel.from_pretrained(cfg.model.init, expect_phase="stage1", storage=_storage_options(cfg))
+        model = MMMModel.from_pretrained(cfg.model.init, expect_phase="stage1", storage_options=_storage_options(cfg))
         if cfg.llm == "lora":
             model.set_trainable(projectors=True, llm=lora_settings(cfg))
         else:
