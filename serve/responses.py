@@ -41,13 +41,19 @@ async def sse(events: AsyncIterator[dict], model: str, include_usage: bool) -> A
     """Service events (after ``start``) -> SSE lines: a role chunk, content chunks, a finish chunk,
     an optional usage chunk (``stream_options.include_usage``), then ``data: [DONE]``."""
     cid, created = completion_id(), int(time.time())
-    yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
-    async for event in events:
-        if event.get("delta"):
-            yield _chunk(cid, created, model, {"content": event["delta"]})
-        if event.get("done"):
-            yield _chunk(cid, created, model, {}, event["finish_reason"])
-            if include_usage:
-                yield _chunk(cid, created, model, None, use=usage(event))
-            break
-    yield "data: [DONE]\n\n"
+    finished = False
+    try:
+        yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+        async for event in events:
+            if event.get("delta"):
+                yield _chunk(cid, created, model, {"content": event["delta"]})
+            if event.get("done"):
+                finished = True
+                yield _chunk(cid, created, model, {}, event["finish_reason"])
+                if include_usage:
+                    yield _chunk(cid, created, model, None, use=usage(event))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished and hasattr(events, "cancel"):  # the client left: stop generating for it
+            events.cancel()

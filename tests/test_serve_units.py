@@ -235,12 +235,12 @@ class FakeEngine:
         self.encode_calls.append((modality, len(items)))
         return [torch.zeros(len(x) // 10 + 1, 4) for x in items]
 
-    def render(self, messages, features):
+    def render(self, messages, features, number_media=True):
         text = json.dumps(messages)
         return [ord(c) % 100 for c in text][:150] + [0] * sum(f.shape[0] for f in features)
 
     def start(self, prompts, params):
-        return FakeDecoder([ord("a") + len(p[0]) % 3 for p in prompts])
+        return FakeDecoder([ord("a") + len(p.ids) % 3 for p in prompts])
 
     def detokenize(self, ids):
         return "".join(chr(i) for i in ids)
@@ -272,7 +272,7 @@ def run(service, groups, max_rows=16, delay_s=0.0):
     """Submit groups of requests to a Scheduler (the later ones ``delay_s`` apart); events per request."""
     from serve.scheduler import Scheduler
 
-    scheduler = Scheduler(service, max_rows)
+    scheduler = Scheduler(service, service.engine, max_rows)
 
     async def one(group, delay):
         await asyncio.sleep(delay)
