@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 
 import numpy as np
 import openai
@@ -118,6 +119,8 @@ def test_three_turn_conversation_streaming_and_not(client, server):
     s = stats(server)
     assert s["cache"]["hits"] >= 3, s  # turn 2 re-used both images; turn 3 both images and clip 1
     assert s["encoded"] == {"image": 2, "audio": 2}, s
+    # turns 2 and 3 start with the previous turn's prompt: its KV is reused
+    assert s["prefix_cache"]["hits"] >= 2 and s["prefix_cache"]["reused_tokens"] > 100, s
 
     chunks = list(ask(client, history, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -210,3 +213,40 @@ def test_concurrent_requests_are_batched(client, server):
     [t.join() for t in threads]
     assert len(results) == 8
     assert max(before, stats(server)["max_batch"]) > 1
+
+
+def test_trailing_assistant_message_is_continued(client):
+    msgs = [{"role": "user", "content": "What colour is the square?"}, {"role": "assistant", "content": "The"}]
+    reply = ask(client, msgs)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    plain = ask(client, msgs[:1])
+    assert reply.usage.prompt_tokens < plain.usage.prompt_tokens + 4  # no new assistant turn was opened
+
+
+def test_bare_media_are_numbered_unless_the_client_does(client):
+    img = data_url(photos()[0])
+    msgs = [{"role": "user", "content": [img, {"type": "text", "text": "What is in image 1?"}]}]
+    numbered = ask(client, msgs).usage.prompt_tokens
+    bare = ask(client, msgs, extra_body={"chat_template_kwargs": {"number_media": False}}).usage.prompt_tokens
+    assert numbered > bare  # the "Image 1: " label
+    with pytest.raises(openai.BadRequestError):
+        ask(client, msgs, extra_body={"chat_template_kwargs": {"numbering": 1}})
+
+
+def test_disconnected_client_stops_its_generation(server):
+    before = stats(server)
+    body = {"model": "mmm", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 900,
+            "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):  # the role chunk and a few tokens, then the client goes away
+            next(lines)
+    deadline = time.time() + 10
+    while time.time() < deadline and stats(server)["cancelled"] == before["cancelled"]:
+        time.sleep(0.1)
+    after = stats(server)
+    assert after["cancelled"] == before["cancelled"] + 1, after
+    time.sleep(0.5)  # its row left the batch: no more decode steps, and far fewer tokens than asked
+    assert stats(server)["steps"] == after["steps"]
+    assert after["completion_tokens"] - before["completion_tokens"] < 300
