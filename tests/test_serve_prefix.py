@@ -2,6 +2,8 @@
 (random weights): a reused prefix decodes exactly as a full prefill does, a different image with
 the same token ids never shares KV past its first placeholder, and the store is LRU-bounded."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,20 @@ def test_trailing_assistant_message_is_continued(tiny_model):
     assert closed[: len(ids)] == ids and len(closed) > len(ids)
     with pytest.raises(ValueError, match="continue_final_message"):
         tiny_model.render(msgs[:1], [], continue_final_message=True)
+
+
+def test_training_dialogues_carry_bare_spans_that_the_renderer_numbers(tiny_model):
+    """The offline synthesizer leaves numbering to the renderer, so a multi-image dialogue's
+    "image 2" / "gambar 2" names the span rendered after "Image 2: ", as in a served request."""
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import DialogueConfig, OfflineDialogues
+
+    pool = {k: [(f"{k}{i}", make_item(0, k, i)[1]) for i in range(6)] for k in ("image", "audio")}
+    gen = OfflineDialogues({"train": pool, "eval": pool}, DialogueConfig(num_dialogues=100), seed=7)
+    rows = [gen.dialogue(i) for i in range(40)]
+    users = [m["content"] for r in rows for m in r["messages"] if m["role"] == "user"]
+    assert not any(re.search(r"(Image|Gambar|Audio|Picture) ?\d*: <", u) for u in users)  # no labels
+    multi = next(r for r in rows if r["kind"] == "multi_image" and len(r["media_ids"]) >= 2)
+    feats = tiny_model.encode_media("image", [image((255, 0, 0))] * len(multi["media_ids"]))
+    text = tiny_model.tokenizer.decode(tiny_model.render(multi["messages"], feats).input_ids)
+    assert "Image 1: <image>" in text and "Image 2: <image>" in text
