@@ -79,6 +79,10 @@ class MMMEngine:
         self.prefix = PrefixCache(prefix_bytes)
         self.model_id = model_id or f"mmm-{model.config.preset}-{model.phase}"
         self.max_context = model.config.llm.max_context
+        positions = getattr(model.llm.config, "max_position_embeddings", None)
+        if positions is not None and self.max_context > positions:
+            raise ValueError(f"llm.max_context is {self.max_context} tokens but the language model has only {positions} "
+                             f"positions; set llm.max_context <= {positions} to serve this model")
         self.limits = MediaLimits(max_audio_seconds=model.config.audio.max_seconds)
         self._encoders = {"image": model.vision.name, "audio": model.audio.name}
 
