@@ -142,8 +142,8 @@ class ChatIngress:
         await self._fetch_remote(req)
         events = self._chat.remote(req)
         first = await events.__anext__()
-        if "error" in first:
-            raise first["error"]
+        if first.error is not None:
+            raise first.error
         if not req.stream:
             return JSONResponse(completion(first, model_id))
         return StreamingResponse(sse(events, model_id, req.include_usage), media_type="text/event-stream")

@@ -10,7 +10,7 @@ row, sends each request its events, and drops finished rows. A lone request star
 
     scheduler = Scheduler(service, engine, max_rows=16)
     async for events in scheduler.submit(requests):   # one entry per request of the group
-        ...   # None (nothing new), an event dict, or StopIteration once that request is over
+        ...   # None (nothing new), a serve.events.Event, or StopIteration once that request is over
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from .engine import ChatEngine
+from .events import Event
 from .service import ChatService
 
 _END = object()
@@ -37,14 +38,14 @@ class _Group:
     def __post_init__(self) -> None:
         self.state = [_LIVE] * len(self.requests)
 
-    def send(self, news: dict[int, dict]) -> None:
+    def send(self, news: dict[int, Event]) -> None:
         """One list for the group: new events; StopIteration for requests whose final event went out
         earlier (so @serve.batch releases them); None elsewhere. Ends the group when all are over."""
         out = []
         for i, state in enumerate(self.state):
             if i in news:
                 out.append(news[i])
-                if "done" in news[i] or "error" in news[i]:
+                if news[i].final:
                     self.state[i] = _DONE
             elif state == _DONE:
                 out.append(StopIteration)
@@ -106,7 +107,7 @@ class Scheduler:
                     event = self.service.advance(prepared[k], None)
                 if event is not None:
                     news[i] = event
-                if not ({"error", "done"} & set(event or {})):
+                if event is None or not event.final:
                     new_rows.append(_Row(prepared[k], g, i))
                 k += 1
             if news:
@@ -124,7 +125,7 @@ class Scheduler:
     async def _step(self, decoder, rows: list[_Row]) -> list[_Row]:
         t0 = time.perf_counter()
         tokens = await asyncio.to_thread(decoder.step)
-        news: dict[int, dict[int, dict]] = {}
+        news: dict[int, dict[int, Event]] = {}
         groups: dict[int, _Group] = {}
         keep = []
         for r, (row, token) in enumerate(zip(rows, tokens)):

@@ -6,9 +6,8 @@ cache, decodes and encodes the misses (deduped across the group, one encoder cal
 renders the prompts and checks them against the context. :meth:`ChatService.advance` turns each
 decoded token into the request's next event.
 
-Events: ``{"error": APIError}``; ``{"start": True, "prompt_tokens": n}`` (streaming only);
-``{"delta": text}`` (streaming only); ``{"done": True, "text", "finish_reason", "prompt_tokens",
-"completion_tokens", "delta"}`` (``delta``: the streamed tail, ``text``: the whole completion).
+Each request hears :class:`serve.events.Event` objects: its error, or (streaming) a start, text
+chunks, then a finished event with the whole text and usage.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from .config import RequestLimits
 from .detok import TextStream
 from .engine import ChatEngine, Prompt
 from .errors import APIError, bad_request
+from .events import Event
 from .openai_schema import ChatRequest
 
 
@@ -76,14 +76,14 @@ class ChatService:
                 "encoded": dict(s.encoded), "encode_seconds": round(s.encode_s, 3),
                 "prepare_seconds": round(s.prepare_s, 3), "generate_seconds": round(s.generate_s, 3)}
 
-    def first_event(self, prepared: "_Job | APIError") -> dict | None:
+    def first_event(self, prepared: "_Job | APIError") -> Event | None:
         """What a request hears once prepared: its error, or (streaming) its prompt size."""
         if isinstance(prepared, APIError):
             self._stats.rejected += 1
-            return {"error": prepared}
-        return {"start": True, "prompt_tokens": len(prepared.prompt)} if prepared.req.stream else None
+            return Event.failed(prepared)
+        return Event.started(len(prepared.prompt)) if prepared.req.stream else None
 
-    def advance(self, job: _Job, token: int | None) -> dict | None:
+    def advance(self, job: _Job, token: int | None) -> Event | None:
         """Take one decoded token (None: a stop token); returns the event to send, if any.
         ``job.finish_reason`` is set once the request is over ("cancelled" when its client left)."""
         if job.req.cancelled:
@@ -93,7 +93,7 @@ class ChatService:
         delta = self._advance(job, token)
         if job.finish_reason is not None:
             return self._done(job, delta + job.text.flush())
-        return {"delta": delta} if delta and job.req.stream else None
+        return Event.chunk(delta) if delta and job.req.stream else None
 
     def record_step(self, rows: int, seconds: float) -> None:
         self._stats.steps += 1
@@ -114,11 +114,11 @@ class ChatService:
             job.finish_reason = "length"
         return delta
 
-    def _done(self, job: _Job, delta: str) -> dict:
+    def _done(self, job: _Job, delta: str) -> Event:
         self._stats.prompt_tokens += len(job.prompt)
         self._stats.completion_tokens += job.tokens
-        return {"done": True, "text": job.text.text, "delta": delta if job.req.stream else "",
-                "finish_reason": job.finish_reason, "prompt_tokens": len(job.prompt), "completion_tokens": job.tokens}
+        return Event.finished(job.text.text, delta if job.req.stream else "", job.finish_reason, len(job.prompt),
+                              job.tokens)
 
     @staticmethod
     def decoder_input(job: _Job) -> Prompt:

@@ -305,10 +305,10 @@ def test_service_batches_dedupes_caches_and_isolates_errors():
     out = run(service, [[req([img, clip]), req([img, bad]), req([clip], stream=True, stop=("zz",)),
                          req([img], max_tokens=500)]])
     assert sorted(engine.encode_calls) == [("audio", 1), ("image", 1)]  # one call per modality, deduped
-    assert out[0][-1]["done"] and out[0][-1]["completion_tokens"] == 5 and out[0][-1]["finish_reason"] == "length"
-    assert out[1] == [{"error": out[1][0]["error"]}] and out[1][0]["error"].param == "p2"
-    assert out[2][0]["start"] and "".join(e.get("delta", "") for e in out[2]) == out[2][-1]["text"]
-    assert out[3][0]["error"].code == "context_length_exceeded"
+    assert out[0][-1].done and out[0][-1].completion_tokens == 5 and out[0][-1].finish_reason == "length"
+    assert len(out[1]) == 1 and out[1][0].error.param == "p2"
+    assert out[2][0].start and "".join(e.delta for e in out[2]) == out[2][-1].text
+    assert out[3][0].error.code == "context_length_exceeded"
     run(service, [[req([img, clip])]])  # the next turn re-sends both: no encoder call
     assert len(engine.encode_calls) == 2 and service.stats()["cache"]["hits"] == 2
 
@@ -321,7 +321,7 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     service = ChatService(engine, FeatureCache(0))
     groups = [[req([], max_tokens=40)], [req([], max_tokens=3), req([], max_tokens=3)], [req([], max_tokens=5)]]
     out = run(service, groups, max_rows=3, delay_s=0.02)
-    assert [o[-1]["completion_tokens"] for o in out] == [40, 3, 3, 5]
+    assert [o[-1].completion_tokens for o in out] == [40, 3, 3, 5]
     sizes = decoders[0].sizes
     assert max(sizes) == 3 and sizes[-1] == 1  # later groups joined the first row, then left it
     assert service.stats()["max_batch"] == 3
