@@ -72,9 +72,10 @@ class ServeArgs(BaseModel):
     max_batch_size: int = 16
     """Concurrent requests encoded and decoded together; generation steps cost nearly the same for
     1 or 16 rows on small models, so this is where throughput comes from."""
-    batch_wait_timeout_s: float = 0.01
-    """How long a lone request waits for company: every request pays it when traffic is light, and
-    clients of a finished batch send their next requests within a few ms of each other."""
+    batch_wait_timeout_s: float = 0.0
+    """How long a lone request waits for company. Every request pays it when traffic is light, and the
+    scheduler already merges requests that arrive while a batch runs into it at the next decode step
+    (prepared and prefilled together), so none is needed."""
     use_gpu: bool | None = None
     """Ask Ray for one GPU per model replica; None: when torch sees CUDA where the app is built. The
     replica runs on the GPU exactly when Ray gave it one (so a deploy YAML's num_gpus decides)."""
