@@ -10,9 +10,14 @@ Starts a private Ray cluster and Serve on 127.0.0.1 with two copies of the app (
    each follow-up asks a new question). A miss costs decoding, resampling, resizing and encoding;
    a hit costs a sha256 of the bytes;
 2. throughput of N clients sending at once vs the same requests one at a time (``/on``, a 512 px
-   photo and a question each, 32-token replies).
+   photo and a question each, 32-token replies);
+3. one client's latency (``/on``, 2 photos and a new question each time, 16 new tokens; median);
+4. the prefix KV cache on turn 27 of an MMDU-sized chat (20 images, 10 clips) at the real presets'
+   lengths, on vs off, and its hit rate over the turn-by-turn replay (in process, after Serve
+   stops: see ``bench/serve_mmdu.py``).
 
-The last line is a JSON object with ``cache_speedup`` and ``concurrency_speedup``.
+The last line is a JSON object with ``cache_speedup``, ``concurrency_speedup``, ``single_client_ms``,
+``prefix_cache_speedup`` and ``prefix_hit_rate``.
 """
 
 import argparse
@@ -48,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=2, help="sequential/concurrent pairs, alternated (median)")
     p.add_argument("--max-tokens", type=int, default=16, help="reply length in the cache test")
     p.add_argument("--reply-tokens", type=int, default=32, help="reply length in the concurrency test")
+    p.add_argument("--single-requests", type=int, default=15, help="requests timed for one client's latency")
+    p.add_argument("--mmdu-turns", type=int, default=27, help="turns of the MMDU-sized chat (0 skips it)")
+    p.add_argument("--mmdu-clip-seconds", type=float, default=20.0, help="length of each of its 10 clips")
     return p.parse_args()
 
 
@@ -143,6 +151,17 @@ def throughput(client, requests: list[list[dict]], workers: int, max_tokens: int
     return len(requests) / (time.perf_counter() - t0)
 
 
+def single_client_ms(client, photos: list[dict], n: int, max_tokens: int = 16) -> float:
+    """Median latency of one client's requests: the same 2 photos, a new question each time."""
+    times = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": [*photos[:2], {"type": "text", "text": f"Question {i}: what differs?"}]}]
+        t0 = time.perf_counter()
+        client.chat.completions.create(model="mmm", messages=msgs, max_tokens=max_tokens, temperature=0)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     import openai
     import requests
@@ -177,8 +196,15 @@ def main() -> None:
         seq, par = statistics.median(seqs), statistics.median(pars)
         steps = after["steps"] - before["steps"]
         mean_batch = (after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]) / max(steps, 1)
+        single_ms = single_client_ms(on, photos, args.single_requests)
     finally:
         stop()
+    mmdu = None
+    if args.mmdu_turns:
+        import serve_mmdu
+
+        print(f"MMDU-sized chat ({args.mmdu_turns} turns, 20 images x 576 tokens, 10 clips) in process ...", flush=True)
+        mmdu = serve_mmdu.run(turns=args.mmdu_turns, clip_seconds=args.mmdu_clip_seconds)
 
     for name, st in model_stats.items():
         c = st["cache"]
@@ -192,7 +218,18 @@ def main() -> None:
     print(f"{f'follow-up turn re-sending {k} media (s)':44s}{lat_on:12.3f}{lat_off:12.3f}{cache_x:9.1f}x")
     print(f"\n{'':44s}{'1 client':>12s}{f'{args.clients} clients':>12s}{'speedup':>10s}")
     print(f"{f'throughput, {len(reqs)} requests (req/s)':44s}{seq:12.2f}{par:12.2f}{conc_x:9.1f}x")
+    print(f"\none client, 2 photos, 16 new tokens: median {single_ms:.0f} ms")
+    result = {}
+    if mmdu:
+        t = mmdu["turn_s"]
+        print(f"\n{'':44s}{'prefix on':>12s}{'prefix off':>12s}{'speedup':>10s}")
+        label = f"turn {mmdu['turns']}, {mmdu['prompt_tokens']} tokens (s)"
+        print(f"{label:44s}{t['cache_on']:12.3f}{t['cache_off']:12.3f}{mmdu['prefix_cache_speedup']:9.1f}x")
+        print(f"prefix hit rate over the replay (reused / prompt tokens): {mmdu['prefix_hit_rate']:.2f}")
+        result = {"prefix_cache_speedup": mmdu["prefix_cache_speedup"], "prefix_hit_rate": mmdu["prefix_hit_rate"],
+                  "mmdu": mmdu}
     print(json.dumps({"cache_speedup": round(cache_x, 2), "concurrency_speedup": round(conc_x, 2),
+                      "single_client_ms": round(single_ms, 1), **result,
                       "followup_s": {"cache_on": round(lat_on, 3), "cache_off": round(lat_off, 3)},
                       "throughput_rps": {"sequential": round(seq, 2), "concurrent": round(par, 2)},
                       "mean_batch": round(mean_batch, 2)}))

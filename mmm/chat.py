@@ -5,6 +5,14 @@ A message's content is either a string that marks each media item with an empty 
 ``{"type": "image"}``, ``{"type": "audio"}``) in any order. Rendering expands every span to
 ``<image>`` + N placeholder tokens + ``</image>``, N being how many projected features that item
 has, then applies the tokenizer's own chat template. Labels keep only assistant tokens.
+
+Media are numbered by the renderer: each span is preceded by its label, "Image 1: ", "Audio 2: ",
+counted per modality over the whole conversation in order of appearance, so "image 2" names the
+second image whoever wrote the text (training data, evaluation, or an API client sending bare
+parts). The label is English in every language (the Malay question "gambar 2" refers to the
+"Image 2: " label, as an English one does): one fixed string per item keeps the model's binding
+of names to spans the same for all data. ``number_media=False`` renders spans bare, for clients
+(and data) that number media in their own text.
 """
 
 from __future__ import annotations
@@ -13,11 +21,13 @@ import re
 from dataclasses import dataclass
 
 from .schema import AUDIO, IMAGE
-from .tokenizer import AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START
+from .tokenizer import AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, TURN_END
 
 IGNORE_INDEX = -100
 _SPAN = re.compile(r"<(image|audio)></\1>")
 _TAGS = {IMAGE: (IMAGE_START, IMAGE_PAD, IMAGE_END), AUDIO: (AUDIO_START, AUDIO_PAD, AUDIO_END)}
+MEDIA_LABELS = {IMAGE: "Image", AUDIO: "Audio"}
+"""The word of each modality's label: "Image 1: ", "Audio 1: "."""
 
 
 class PlaceholderMismatchError(ValueError):
@@ -53,22 +63,38 @@ def media_modalities(messages) -> list[str]:
     return [m.group(1) for msg in messages for m in _SPAN.finditer(content_to_text(msg["content"]))]
 
 
-def _expand(text: str, counts: list[int], start: int) -> tuple[str, int]:
-    """Replace each empty span with its placeholders; returns the text and the next media index."""
+def _expand(text: str, counts: list[int], start: int, numbers: dict[str, int] | None) -> tuple[str, int]:
+    """Replace each empty span with its placeholders (after its label when ``numbers`` counts the
+    items seen so far per modality); returns the text and the next media index."""
     index = start
 
     def fill(match: re.Match) -> str:
         nonlocal index
-        open_tag, pad, close_tag = _TAGS[match.group(1)]
+        kind = match.group(1)
+        open_tag, pad, close_tag = _TAGS[kind]
         n = counts[index]
         index += 1
-        return open_tag + pad * n + close_tag
+        label = ""
+        if numbers is not None:
+            numbers[kind] = numbers.get(kind, 0) + 1
+            label = f"{MEDIA_LABELS[kind]} {numbers[kind]}: "
+        return label + open_tag + pad * n + close_tag
 
     return _SPAN.sub(fill, text), index
 
 
-def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool = False) -> Rendered:
-    """Render a conversation; ``media_token_counts[i]`` is the projected length of media item i."""
+def _open_last_turn(tokenizer, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """Cut a rendered conversation at its last turn-end marker: the final message stays open."""
+    end = tokenizer.convert_tokens_to_ids(TURN_END)
+    cut = max(i for i, t in enumerate(ids) if t == end)
+    return ids[:cut], labels[:cut]
+
+
+def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool = False,
+           continue_final_message: bool = False, number_media: bool = True) -> Rendered:
+    """Render a conversation; ``media_token_counts[i]`` is the projected length of media item i.
+    ``continue_final_message`` leaves the last (assistant) message open, so generation continues
+    it (vLLM's option of the same name); it excludes ``add_generation_prompt``."""
     modalities = media_modalities(messages)
     counts = [int(c) for c in media_token_counts]
     if len(modalities) != len(counts):
@@ -76,9 +102,11 @@ def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool 
             f"the conversation marks {len(modalities)} media items ({', '.join(modalities) or 'none'}) "
             f"but {len(counts)} were given"
         )
-    expanded, index = [], 0
+    if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
+        raise ValueError("continue_final_message needs the last message to be the assistant's, and no generation prompt")
+    expanded, index, numbers = [], 0, ({} if number_media else None)
     for msg in messages:
-        text, index = _expand(content_to_text(msg["content"]), counts, index)
+        text, index = _expand(content_to_text(msg["content"]), counts, index, numbers)
         expanded.append({"role": msg["role"], "content": text})
     out = tokenizer.apply_chat_template(
         expanded,
@@ -90,4 +118,6 @@ def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool 
     ids = list(out["input_ids"])
     mask = out["assistant_masks"]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    if continue_final_message:
+        ids, labels = _open_last_turn(tokenizer, ids, labels)
     return Rendered(input_ids=ids, labels=labels, modalities=modalities)

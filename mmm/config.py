@@ -62,8 +62,12 @@ class AudioConfig:
     pretrained weights."""
     select_layer: int = -1
     """Whisper's last layer (after its final LayerNorm), as the paper and Qwen-Audio use."""
-    max_seconds: float = 120.0
-    """Longest clip accepted; 4 windows. A limit, so one request cannot ask for unbounded compute."""
+    max_seconds: float = 600.0
+    """Longest clip accepted: 10 minutes (Qwen2.5-Omni's limit), 20 windows of 30 s, 7500 LM tokens
+    at 12.5 a second. A limit, so one request cannot ask for unbounded compute."""
+    window_batch: int = 8
+    """Windows the encoder runs at once: a 10-minute clip's 20 windows go through in chunks, so the
+    encoder's activation memory stays that of 8 windows whatever the clip's length."""
     window_seconds: float = WINDOW_SECONDS
     """Length of one encoder window. Pretrained Whisper is fixed at 30 s (every window is padded to
     it). The tiny preset's random encoder has no such constraint and its clips are 1-3 s long, so
@@ -109,7 +113,8 @@ class LLMConfig:
     intermediate_size: int = 256
     max_position_embeddings: int = 2048
     max_context: int = 1024
-    """Longest rendered conversation accepted (tokens). Real presets raise it (the paper: 8192)."""
+    """Longest rendered conversation accepted (tokens); at most the LM's positions (the server
+    refuses at load time a model that claims more). Real presets raise it (the paper: 8192)."""
     attention: str = "mmm_packed_sdpa"
     """How the LM attends. The default runs each packed sample's slice with causal SDPA (no L x L
     mask; see mmm/attention.py); any transformers name ("sdpa", "flash_attention_2", ...) also works."""
@@ -190,7 +195,9 @@ def _tiny() -> ModelConfig:
         preset="tiny",
         audio=AudioConfig(window_seconds=5.0),
         projector=ProjectorConfig(item_ordinals=8),
-        llm=LLMConfig(num_layers=3, shared_span_positions=True, tie_embeddings=True),
+        # 8192 tokens hold an MMDU-sized chat (27 turns, 20 images, 10 clips) or a 10-minute clip
+        llm=LLMConfig(num_layers=3, shared_span_positions=True, tie_embeddings=True, max_context=8192,
+                      max_position_embeddings=8192),
     )
 
 

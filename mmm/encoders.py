@@ -237,12 +237,14 @@ class AudioEncoder(nn.Module):
         pieces = [(i, w) for i, wave in enumerate(waves) for w in self.windows(np.asarray(wave, np.float32))]
         if not pieces:
             return []
-        mels = self.log_mels([w for _, w in pieces])
         device = next(self.encoder.parameters()).device
-        feats = self(mels.to(device)).float().cpu()  # (W, 1500, Da)
         per_item: list[list[torch.Tensor]] = [[] for _ in waves]
-        for (i, w), f in zip(pieces, feats):
-            per_item[i].append(f[: frames_for(len(w))])
+        step = max(1, self.cfg.window_batch)  # bounded memory: a chunk of windows at a time
+        for start in range(0, len(pieces), step):
+            chunk = pieces[start : start + step]
+            feats = self(self.log_mels([w for _, w in chunk]).to(device)).float().cpu()  # (W, 1500, Da)
+            for (i, w), f in zip(chunk, feats):
+                per_item[i].append(f[: frames_for(len(w))])
         return [torch.cat(parts, dim=0) for parts in per_item]
 
 

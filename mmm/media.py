@@ -57,8 +57,8 @@ class MediaLimits:
     gigabytes (a decompression bomb). 40 MP covers any camera photo; encoders resize to <= 384 px."""
     max_audio_bytes: int = 50 * MiB
     """About 4.5 min of 16-bit 48 kHz stereo WAV; anything larger cannot fit the seconds limit."""
-    max_audio_seconds: float = 120.0
-    """Four 30 s Whisper windows; matches ``AudioConfig.max_seconds``, bounds encoder compute."""
+    max_audio_seconds: float = 600.0
+    """Twenty 30 s Whisper windows (10 minutes); matches ``AudioConfig.max_seconds``, bounds encoder compute."""
     min_audio_seconds: float = 0.05
     """Below 50 ms there is no speech and Whisper yields < 3 frames: an empty or broken clip."""
 

@@ -134,8 +134,9 @@ class MMMModel(nn.Module):
         """Decoded media (PIL images or 16 kHz waves) -> frozen encoder features, one per item."""
         return (self.vision if modality == IMAGE else self.audio).encode(items)
 
-    def render(self, messages, features, add_generation_prompt: bool = False) -> Rendered:
-        """Render a conversation whose i-th media item has encoder features ``features[i]``."""
+    def render(self, messages, features, add_generation_prompt: bool = False, **kw) -> Rendered:
+        """Render a conversation whose i-th media item has encoder features ``features[i]``;
+        ``kw``: ``continue_final_message``, ``number_media`` (see ``mmm.chat.render``)."""
         from .chat import media_modalities
 
         modalities = media_modalities(messages)
@@ -144,7 +145,7 @@ class MMMModel(nn.Module):
                 f"the conversation marks {len(modalities)} media items but {len(features)} feature tensors were given"
             )
         counts = [self.num_media_tokens(m, f.shape[0]) for m, f in zip(modalities, features)]
-        return render(self.tokenizer, messages, counts, add_generation_prompt)
+        return render(self.tokenizer, messages, counts, add_generation_prompt, **kw)
 
     # ---- the shared forward path ------------------------------------------------------
     def _projector(self, modality: str) -> nn.Module:

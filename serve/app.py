@@ -65,9 +65,9 @@ class ChatModel:
         cfg = ServeArgs.model_validate(args)
         # The GPU follows the resources Ray gave this replica (the deploy YAML may add num_gpus).
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device, cfg.storage_options)
+        engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device, cfg.storage_options, cfg.prefix_cache_bytes)
         self.service = ChatService(engine, FeatureCache(cfg.cache_bytes), cfg.limits())
-        self.scheduler = Scheduler(self.service, cfg.max_batch_size)
+        self.scheduler = Scheduler(self.service, engine, cfg.max_batch_size)
         self.chat_batch.set_max_batch_size(cfg.max_batch_size)
         self.chat_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -79,10 +79,16 @@ class ChatModel:
             yield events
 
     async def chat(self, request: ChatRequest):
-        """One request's events (see ``serve.service``); ``None`` steps are not sent."""
-        async for event in self.chat_batch(request):
-            if event is not None:
-                yield event
+        """One request's events (see ``serve.service``); ``None`` steps are not sent. When the client
+        goes away (Serve cancels this generator), the request is marked so that the scheduler drops
+        its row at the next decode step."""
+        try:
+            async for event in self.chat_batch(request):
+                if event is not None:
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            request.cancelled = True
+            raise
 
     def info(self) -> dict:
         return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}
@@ -136,8 +142,8 @@ class ChatIngress:
         await self._fetch_remote(req)
         events = self._chat.remote(req)
         first = await events.__anext__()
-        if "error" in first:
-            raise first["error"]
+        if first.error is not None:
+            raise first.error
         if not req.stream:
             return JSONResponse(completion(first, model_id))
         return StreamingResponse(sse(events, model_id, req.include_usage), media_type="text/event-stream")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from .openai_schema import SamplingParams
@@ -19,12 +20,29 @@ META = "mmm.json"
 """The file ``mmm.checkpoint.save`` writes last; its presence marks a complete checkpoint."""
 
 
+@dataclass
+class Prompt:
+    """One request as the decoder takes it."""
+
+    ids: list[int]
+    images: list = field(default_factory=list)
+    """Encoder features of each image, in order of appearance."""
+    audio: list = field(default_factory=list)
+    media: list[str] = field(default_factory=list)
+    """Content hash of every media item (both modalities), in order of appearance: the prefix
+    cache keys media spans by it."""
+
+
 class Decoder(Protocol):
-    finished: bool
+    can_merge: bool
+
+    def __len__(self) -> int: ...
 
     def step(self) -> list[int | None]: ...
 
-    def finish(self, row: int) -> None: ...
+    def keep(self, rows: list[int]) -> None: ...
+
+    def merge(self, other: "Decoder") -> None: ...
 
 
 class ChatEngine(Protocol):
@@ -38,10 +56,13 @@ class ChatEngine(Protocol):
 
     def encode(self, modality: str, items: list) -> list: ...
 
-    def render(self, messages: list[dict], features: list) -> list[int]:
-        """Prompt ids for a conversation (with the assistant's generation prompt)."""
+    def render(self, messages: list[dict], features: list, number_media: bool = True) -> list[int]:
+        """Prompt ids for a conversation: with the assistant's generation prompt, or continuing
+        the assistant's message when it is the last one."""
 
-    def start(self, prompts: list[tuple[list[int], list, list]], params: Sequence[SamplingParams]) -> Decoder: ...
+    def start(self, prompts: list[Prompt], params: Sequence[SamplingParams]) -> Decoder: ...
+
+    def stats(self) -> dict: ...
 
     def detokenize(self, ids: list[int]) -> str: ...
 
@@ -49,12 +70,19 @@ class ChatEngine(Protocol):
 class MMMEngine:
     """:class:`ChatEngine` over an ``mmm.model.MMMModel``."""
 
-    def __init__(self, model, model_id: str | None = None) -> None:
+    def __init__(self, model, model_id: str | None = None, prefix_bytes: int = 0) -> None:
         from mmm.media import MediaLimits
 
+        from .prefix_cache import PrefixCache
+
         self.model = model.eval()
+        self.prefix = PrefixCache(prefix_bytes)
         self.model_id = model_id or f"mmm-{model.config.preset}-{model.phase}"
         self.max_context = model.config.llm.max_context
+        positions = getattr(model.llm.config, "max_position_embeddings", None)
+        if positions is not None and self.max_context > positions:
+            raise ValueError(f"llm.max_context is {self.max_context} tokens but the language model has only {positions} "
+                             f"positions; set llm.max_context <= {positions} to serve this model")
         self.limits = MediaLimits(max_audio_seconds=model.config.audio.max_seconds)
         self._encoders = {"image": model.vision.name, "audio": model.audio.name}
 
@@ -69,13 +97,27 @@ class MMMEngine:
     def encode(self, modality: str, items: list) -> list:
         return self.model.encode_media(modality, items)
 
-    def render(self, messages: list[dict], features: list) -> list[int]:
-        return self.model.render(messages, features, add_generation_prompt=True).input_ids
+    def render(self, messages: list[dict], features: list, number_media: bool = True) -> list[int]:
+        cont = messages[-1]["role"] == "assistant"
+        return self.model.render(messages, features, add_generation_prompt=not cont, continue_final_message=cont,
+                                 number_media=number_media).input_ids
 
-    def start(self, prompts, params) -> Decoder:
+    def start(self, prompts: list[Prompt], params) -> Decoder:
+        """Prefill (after the longest cached prefix of each prompt) and remember each prompt's KV."""
         from .decoding import StepDecoder
+        from .prefix_cache import prompt_keys
 
-        return StepDecoder(self.model, prompts, params)
+        rows = [(p.ids, p.images, p.audio) for p in prompts]
+        if not self.prefix.enabled:
+            return StepDecoder(self.model, rows, params)
+        keys = [prompt_keys(p.ids, p.media, self.model.pad_ids.values()) for p in prompts]
+        decoder = StepDecoder(self.model, rows, params, [self.prefix.lookup(k) for k in keys])
+        for i, k in enumerate(keys):
+            self.prefix.store(k, decoder.row_kv(i, len(k)))
+        return decoder
+
+    def stats(self) -> dict:
+        return self.prefix.stats()
 
     def detokenize(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids, skip_special_tokens=True)
@@ -101,9 +143,9 @@ def resolve_checkpoint(checkpoint: str | None, search_dir: str) -> str | None:
 
 
 def load_engine(checkpoint: str | None, preset: str, model_id: str | None, device: str,
-                storage_options: dict | None = None) -> MMMEngine:
+                storage_options: dict | None = None, prefix_bytes: int = 0) -> MMMEngine:
     """Build the model in the replica: a checkpoint (local, or s3:// read with ``storage_options``)
-    or an untrained preset."""
+    or an untrained preset; ``prefix_bytes`` bounds its prefix KV cache."""
     from mmm.config import preset as make_preset
     from mmm.model import MMMModel
 
@@ -117,4 +159,4 @@ def load_engine(checkpoint: str | None, preset: str, model_id: str | None, devic
     else:
         log.info("no checkpoint: serving the untrained %r preset", preset)
         model = MMMModel.build(make_preset(preset))
-    return MMMEngine(model.to(device), model_id)
+    return MMMEngine(model.to(device), model_id, prefix_bytes)

@@ -26,7 +26,7 @@ from .urls import check_remote_url, decode_base64, parse_data_url
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Accepted but unused (defaults of the OpenAI client); anything else is refused by name, as OpenAI does.
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+KNOWN = {"model", "messages", "chat_template_kwargs", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
          "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "logprobs"} | IGNORED
 # Text that would forge the chat template's turn markers or the media spans the renderer expands.
 RESERVED = re.compile(r"<\|[A-Za-z0-9_]{1,32}\|>|</?(?:image|audio)>")
@@ -62,6 +62,10 @@ class ChatRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
+    number_media: bool = True
+    """Label media "Image 1: ", "Audio 1: " in the prompt (``chat_template_kwargs.number_media``)."""
+    cancelled: bool = False
+    """Set by the replica when the client goes away: the scheduler drops the row at its next step."""
 
 
 def parse_request(body: bytes, limits: RequestLimits, model_id: str) -> ChatRequest:
@@ -88,8 +92,13 @@ def parse_request(body: bytes, limits: RequestLimits, model_id: str) -> ChatRequ
     options = obj.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise bad_request("stream_options may only hold include_usage", "stream_options")
+    kwargs = obj.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or set(kwargs) - {"number_media"}:
+        raise bad_request("chat_template_kwargs may only hold number_media (a boolean)", "chat_template_kwargs")
+    number = _flag(kwargs, "number_media") if "number_media" in kwargs else True
     return ChatRequest(model=model, messages=messages, media=media, params=_parse_params(obj, limits),
-                       stream=stream, include_usage=bool(stream and _flag(options, "include_usage")))
+                       stream=stream, include_usage=bool(stream and _flag(options, "include_usage")),
+                       number_media=number)
 
 
 def _flag(obj: dict, key: str) -> bool:
@@ -167,9 +176,8 @@ def _parse_messages(messages, limits: RequestLimits) -> tuple[list[dict], list[M
         if len(media) > limits.max_media:
             raise bad_request(f"more than {limits.max_media} images and audio clips in one request", param,
                               "too_many_media")
-    if out[-1]["role"] == "assistant":
-        raise bad_request("the last message must not be from the assistant", f"messages[{len(out) - 1}].role",
-                          "invalid_messages")
+    if out[-1]["role"] == "assistant" and all(m["role"] == "assistant" for m in out):
+        raise bad_request("the conversation has no user message", "messages", "invalid_messages")
     for item in media:
         if item.url is not None:
             check_remote_url(item.url, limits, item.param)  # refuse before anything is fetched

@@ -7,24 +7,26 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+from .events import Event
+
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(done: dict) -> dict[str, int]:
-    p, c = done["prompt_tokens"], done["completion_tokens"]
+def usage(done: Event) -> dict[str, int]:
+    p, c = done.prompt_tokens, done.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def completion(done: dict, model: str) -> dict[str, Any]:
+def completion(done: Event, model: str) -> dict[str, Any]:
     return {
         "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done["text"]},
-                     "finish_reason": done["finish_reason"], "logprobs": None}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                     "finish_reason": done.finish_reason, "logprobs": None}],
         "usage": usage(done),
     }
 
@@ -37,17 +39,23 @@ def _chunk(cid: str, created: int, model: str, delta: dict | None, finish: str |
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def sse(events: AsyncIterator[dict], model: str, include_usage: bool) -> AsyncIterator[str]:
+async def sse(events: AsyncIterator[Event], model: str, include_usage: bool) -> AsyncIterator[str]:
     """Service events (after ``start``) -> SSE lines: a role chunk, content chunks, a finish chunk,
     an optional usage chunk (``stream_options.include_usage``), then ``data: [DONE]``."""
     cid, created = completion_id(), int(time.time())
-    yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
-    async for event in events:
-        if event.get("delta"):
-            yield _chunk(cid, created, model, {"content": event["delta"]})
-        if event.get("done"):
-            yield _chunk(cid, created, model, {}, event["finish_reason"])
-            if include_usage:
-                yield _chunk(cid, created, model, None, use=usage(event))
-            break
-    yield "data: [DONE]\n\n"
+    finished = False
+    try:
+        yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+        async for event in events:
+            if event.delta:
+                yield _chunk(cid, created, model, {"content": event.delta})
+            if event.done:
+                finished = True
+                yield _chunk(cid, created, model, {}, event.finish_reason)
+                if include_usage:
+                    yield _chunk(cid, created, model, None, use=usage(event))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished and hasattr(events, "cancel"):  # the client left: stop generating for it
+            events.cancel()

@@ -8,9 +8,9 @@ in at once and this class owns the one decode loop of the replica: before each s
 waiting groups that fit (prepare -> prefill -> merge into the running decoder), then steps every
 row, sends each request its events, and drops finished rows. A lone request starts at once.
 
-    scheduler = Scheduler(service, max_rows=16)
+    scheduler = Scheduler(service, engine, max_rows=16)
     async for events in scheduler.submit(requests):   # one entry per request of the group
-        ...   # None (nothing new), an event dict, or StopIteration once that request is over
+        ...   # None (nothing new), a serve.events.Event, or StopIteration once that request is over
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from .engine import ChatEngine
+from .events import Event
 from .service import ChatService
 
 _END = object()
@@ -36,14 +38,14 @@ class _Group:
     def __post_init__(self) -> None:
         self.state = [_LIVE] * len(self.requests)
 
-    def send(self, news: dict[int, dict]) -> None:
+    def send(self, news: dict[int, Event]) -> None:
         """One list for the group: new events; StopIteration for requests whose final event went out
         earlier (so @serve.batch releases them); None elsewhere. Ends the group when all are over."""
         out = []
         for i, state in enumerate(self.state):
             if i in news:
                 out.append(news[i])
-                if "done" in news[i] or "error" in news[i]:
+                if news[i].final:
                     self.state[i] = _DONE
             elif state == _DONE:
                 out.append(StopIteration)
@@ -63,8 +65,8 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, service: ChatService, max_rows: int) -> None:
-        self.service, self.max_rows = service, max_rows
+    def __init__(self, service: ChatService, engine: ChatEngine, max_rows: int) -> None:
+        self.service, self.engine, self.max_rows = service, engine, max_rows
         self._pending: deque[_Group] = deque()
         self._worker: asyncio.Task | None = None
 
@@ -101,16 +103,18 @@ class Scheduler:
             news = {}
             for i in range(len(g.requests)):
                 event = self.service.first_event(prepared[k])
+                if event is None and prepared[k].req.cancelled:  # its client left while it waited
+                    event = self.service.advance(prepared[k], None)
                 if event is not None:
                     news[i] = event
-                if "error" not in (event or {}):
+                if event is None or not event.final:
                     new_rows.append(_Row(prepared[k], g, i))
                 k += 1
             if news:
                 g.send(news)
         if not new_rows:
             return decoder, rows
-        fresh = await asyncio.to_thread(self.service.engine.start,
+        fresh = await asyncio.to_thread(self.engine.start,
                                         [self.service.decoder_input(r.job) for r in new_rows],
                                         [r.job.req.params for r in new_rows])
         if decoder is None:
@@ -121,7 +125,7 @@ class Scheduler:
     async def _step(self, decoder, rows: list[_Row]) -> list[_Row]:
         t0 = time.perf_counter()
         tokens = await asyncio.to_thread(decoder.step)
-        news: dict[int, dict[int, dict]] = {}
+        news: dict[int, dict[int, Event]] = {}
         groups: dict[int, _Group] = {}
         keep = []
         for r, (row, token) in enumerate(zip(rows, tokens)):

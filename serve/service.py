@@ -6,9 +6,8 @@ cache, decodes and encodes the misses (deduped across the group, one encoder cal
 renders the prompts and checks them against the context. :meth:`ChatService.advance` turns each
 decoded token into the request's next event.
 
-Events: ``{"error": APIError}``; ``{"start": True, "prompt_tokens": n}`` (streaming only);
-``{"delta": text}`` (streaming only); ``{"done": True, "text", "finish_reason", "prompt_tokens",
-"completion_tokens", "delta"}`` (``delta``: the streamed tail, ``text``: the whole completion).
+Each request hears :class:`serve.events.Event` objects: its error, or (streaming) a start, text
+chunks, then a finished event with the whole text and usage.
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ from mmm.media import media_id
 from .cache import FeatureCache
 from .config import RequestLimits
 from .detok import TextStream
-from .engine import ChatEngine
+from .engine import ChatEngine, Prompt
 from .errors import APIError, bad_request
+from .events import Event
 from .openai_schema import ChatRequest
 
 
@@ -32,6 +32,8 @@ class _Job:
     req: ChatRequest
     prompt: list[int]
     features: list
+    media: list[str]
+    """Content hash of each media item, in order."""
     budget: int
     text: TextStream
     tokens: int = 0
@@ -46,6 +48,8 @@ class _Stats:
     """Sum over decode steps of the rows decoded together: row_steps / steps is the mean batch."""
     max_batch: int = 0
     rejected: int = 0
+    cancelled: int = 0
+    """Requests whose client went away before the end; their rows left the batch at once."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     encoded: dict = field(default_factory=lambda: {"image": 0, "audio": 0})
@@ -63,27 +67,33 @@ class ChatService:
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
-        return {"model": self.engine.model_id, "cache": self.cache.stats(), "requests": s.requests,
+        prefix = self.engine.stats() if hasattr(self.engine, "stats") else {}
+        return {"model": self.engine.model_id, "cache": self.cache.stats(), "prefix_cache": prefix,
+                "requests": s.requests, "cancelled": s.cancelled,
                 "steps": s.steps, "mean_batch": round(s.row_steps / s.steps, 2) if s.steps else 0.0,
                 "max_batch": s.max_batch, "rejected": s.rejected,
                 "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
                 "encoded": dict(s.encoded), "encode_seconds": round(s.encode_s, 3),
                 "prepare_seconds": round(s.prepare_s, 3), "generate_seconds": round(s.generate_s, 3)}
 
-    def first_event(self, prepared: "_Job | APIError") -> dict | None:
+    def first_event(self, prepared: "_Job | APIError") -> Event | None:
         """What a request hears once prepared: its error, or (streaming) its prompt size."""
         if isinstance(prepared, APIError):
             self._stats.rejected += 1
-            return {"error": prepared}
-        return {"start": True, "prompt_tokens": len(prepared.prompt)} if prepared.req.stream else None
+            return Event.failed(prepared)
+        return Event.started(len(prepared.prompt)) if prepared.req.stream else None
 
-    def advance(self, job: _Job, token: int | None) -> dict | None:
+    def advance(self, job: _Job, token: int | None) -> Event | None:
         """Take one decoded token (None: a stop token); returns the event to send, if any.
-        ``job.finish_reason`` is set once the request is over."""
+        ``job.finish_reason`` is set once the request is over ("cancelled" when its client left)."""
+        if job.req.cancelled:
+            job.finish_reason = "cancelled"
+            self._stats.cancelled += 1
+            return self._done(job, "")
         delta = self._advance(job, token)
         if job.finish_reason is not None:
             return self._done(job, delta + job.text.flush())
-        return {"delta": delta} if delta and job.req.stream else None
+        return Event.chunk(delta) if delta and job.req.stream else None
 
     def record_step(self, rows: int, seconds: float) -> None:
         self._stats.steps += 1
@@ -104,18 +114,18 @@ class ChatService:
             job.finish_reason = "length"
         return delta
 
-    def _done(self, job: _Job, delta: str) -> dict:
+    def _done(self, job: _Job, delta: str) -> Event:
         self._stats.prompt_tokens += len(job.prompt)
         self._stats.completion_tokens += job.tokens
-        return {"done": True, "text": job.text.text, "delta": delta if job.req.stream else "",
-                "finish_reason": job.finish_reason, "prompt_tokens": len(job.prompt), "completion_tokens": job.tokens}
+        return Event.finished(job.text.text, delta if job.req.stream else "", job.finish_reason, len(job.prompt),
+                              job.tokens)
 
     @staticmethod
-    def decoder_input(job: _Job) -> tuple[list[int], list, list]:
-        """(prompt ids, image features, audio features) of one request."""
+    def decoder_input(job: _Job) -> Prompt:
+        """Prompt ids, image and audio features, and media hashes of one request."""
         image = [f for item, f in zip(job.req.media, job.features) if item.modality == "image"]
         audio = [f for item, f in zip(job.req.media, job.features) if item.modality == "audio"]
-        return job.prompt, image, audio
+        return Prompt(job.prompt, image, audio, job.media)
 
     # ---- preparation (in a worker thread) ------------------------------------------------
     def prepare(self, requests: list[ChatRequest]) -> list[_Job | APIError]:
@@ -133,7 +143,7 @@ class ChatService:
         out: list[_Job | APIError] = []
         for req, req_keys in zip(requests, keys):
             bad = next((failed[k] for k in req_keys if k in failed), None)
-            out.append(bad or self._job(req, [found[k] for k in req_keys]))
+            out.append(bad or self._job(req, [found[k] for k in req_keys], [k[0] for k in req_keys]))
         return out
 
     def _features(self, requests, keys) -> tuple[dict, dict]:
@@ -168,9 +178,9 @@ class ChatService:
                     self.cache.put(key, f)
         return found, failed
 
-    def _job(self, req: ChatRequest, features: list) -> _Job | APIError:
+    def _job(self, req: ChatRequest, features: list, media: list[str]) -> _Job | APIError:
         try:
-            prompt = self.engine.render(req.messages, features)
+            prompt = self.engine.render(req.messages, features, req.number_media)
         except ValueError as e:  # PlaceholderMismatchError: the parser and renderer disagree
             return bad_request(f"the conversation could not be rendered: {e}", "messages", "invalid_messages")
         limit, n, want = self.engine.max_context, len(prompt), req.params.max_tokens
@@ -182,4 +192,4 @@ class ChatService:
                                f"{limit}-token context", "max_tokens", "context_length_exceeded")
         budget = want if want is not None else min(self.limits.default_max_tokens, limit - n)
         stream = TextStream(self.engine.detokenize, req.params.stop)
-        return _Job(req=req, prompt=prompt, features=features, budget=budget, text=stream)
+        return _Job(req=req, prompt=prompt, features=features, media=media, budget=budget, text=stream)

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 
 import numpy as np
 import openai
@@ -43,7 +44,7 @@ def server():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = ServeArgs(api_key=KEY, search_dir=os.path.join(tmp, "none"), max_replicas=1, model_num_cpus=1,
-                         max_body_bytes=4 << 20, max_media=6, batch_wait_timeout_s=0.05)
+                         max_body_bytes=4 << 20, max_media=32, batch_wait_timeout_s=0.05)
         serve.run(build(args), name="mmm", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -91,7 +92,8 @@ def conversation():
 
 
 def ask(client, messages, **kw):
-    return client.chat.completions.create(model="mmm", messages=messages, max_tokens=12, temperature=0, **kw)
+    kw.setdefault("max_tokens", 12)
+    return client.chat.completions.create(model="mmm", messages=messages, temperature=0, **kw)
 
 
 def stats(server) -> dict:
@@ -118,6 +120,8 @@ def test_three_turn_conversation_streaming_and_not(client, server):
     s = stats(server)
     assert s["cache"]["hits"] >= 3, s  # turn 2 re-used both images; turn 3 both images and clip 1
     assert s["encoded"] == {"image": 2, "audio": 2}, s
+    # turns 2 and 3 start with the previous turn's prompt: its KV is reused
+    assert s["prefix_cache"]["hits"] >= 2 and s["prefix_cache"]["reused_tokens"] > 100, s
 
     chunks = list(ask(client, history, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -151,13 +155,13 @@ def bad_content(name):
                                                                     "format": "wav"}}],
         "fake wav header": [{"type": "input_audio", "input_audio": {"data": fake_wav, "format": "wav"}}],
         "unsupported audio format": [audio(tone(0.5), "wav") | {"input_audio": {"data": "AAAA", "format": "aac"}}],
-        "too many media": [data_url(photos()[0])] * 7,
+        "too many media": [data_url(photos()[0])] * 33,
         "file url": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
         "loopback address": [{"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{8000}/x.png"}}],
         "link-local address": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}],
         "remote url while disabled": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
-        "context too long": " ".join(["gambar merah biru"] * 600),
-        "audio too long": [audio(np.zeros(16000 * 125, np.float32), "flac")],
+        "context too long": " ".join(["gambar merah biru"] * 3000),
+        "audio too long": [audio(np.zeros(16000 * 601, np.float32), "flac")],
     }[name]
 
 
@@ -210,3 +214,74 @@ def test_concurrent_requests_are_batched(client, server):
     [t.join() for t in threads]
     assert len(results) == 8
     assert max(before, stats(server)["max_batch"]) > 1
+
+
+def test_trailing_assistant_message_is_continued(client):
+    msgs = [{"role": "user", "content": "What colour is the square?"}, {"role": "assistant", "content": "The"}]
+    reply = ask(client, msgs)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    plain = ask(client, msgs[:1])
+    assert reply.usage.prompt_tokens < plain.usage.prompt_tokens + 4  # no new assistant turn was opened
+
+
+def test_bare_media_are_numbered_unless_the_client_does(client):
+    img = data_url(photos()[0])
+    msgs = [{"role": "user", "content": [img, {"type": "text", "text": "What is in image 1?"}]}]
+    numbered = ask(client, msgs).usage.prompt_tokens
+    bare = ask(client, msgs, extra_body={"chat_template_kwargs": {"number_media": False}}).usage.prompt_tokens
+    assert numbered > bare  # the "Image 1: " label
+    with pytest.raises(openai.BadRequestError):
+        ask(client, msgs, extra_body={"chat_template_kwargs": {"numbering": 1}})
+
+
+def test_disconnected_client_stops_its_generation(server):
+    before = stats(server)
+    body = {"model": "mmm", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 900,
+            "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):  # the role chunk and a few tokens, then the client goes away
+            next(lines)
+    deadline = time.time() + 10
+    while time.time() < deadline and stats(server)["cancelled"] == before["cancelled"]:
+        time.sleep(0.1)
+    after = stats(server)
+    assert after["cancelled"] == before["cancelled"] + 1, after
+    time.sleep(0.5)  # its row left the batch: no more decode steps, and far fewer tokens than asked
+    assert stats(server)["steps"] == after["steps"]
+    assert after["completion_tokens"] - before["completion_tokens"] < 300
+
+
+def mmdu_turn(t: int) -> dict:
+    """User turn t of an MMDU-sized chat: an image in each of the first 20 turns, a clip in each
+    of the first 10, bare parts (the server numbers them)."""
+    parts = []
+    if t < 20:
+        parts.append(data_url(Image.new("RGB", (32, 32), (12 * t, 255 - 12 * t, (40 * t) % 256))))
+    if t < 10:
+        parts.append(audio(tone(1.0 + 0.1 * t, 300.0 + 50 * t)))
+    return {"role": "user", "content": parts + [{"type": "text", "text": f"What about image {min(t, 19) + 1}?"}]}
+
+
+def test_mmdu_sized_conversation_streaming_and_not(client, server):
+    """27 turns holding 20 images and 10 clips, every turn re-sending the whole history with the
+    official client, alternately streamed; each turn reuses the KV of the previous one."""
+    before = stats(server)["prefix_cache"]
+    history = []
+    for t in range(27):
+        history.append(mmdu_turn(t))
+        if t % 2:
+            chunks = list(ask(client, history, max_tokens=6, stream=True, stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            prompt_tokens = chunks[-1].usage.prompt_tokens
+        else:
+            reply = ask(client, history, max_tokens=6)
+            text, prompt_tokens = reply.choices[0].message.content, reply.usage.prompt_tokens
+        history.append({"role": "assistant", "content": text or "ok"})
+    assert sum(isinstance(p, dict) and p.get("type") == "image_url" for m in history for p in m["content"]) == 20
+    assert prompt_tokens > 1024  # more than the tiny context used to hold
+    after = stats(server)["prefix_cache"]
+    assert after["hits"] - before["hits"] >= 26, after
+    reused = after["reused_tokens"] - before["reused_tokens"]
+    assert reused > 0.75 * (after["lookup_tokens"] - before["lookup_tokens"]), after

@@ -235,12 +235,12 @@ class FakeEngine:
         self.encode_calls.append((modality, len(items)))
         return [torch.zeros(len(x) // 10 + 1, 4) for x in items]
 
-    def render(self, messages, features):
+    def render(self, messages, features, number_media=True):
         text = json.dumps(messages)
         return [ord(c) % 100 for c in text][:150] + [0] * sum(f.shape[0] for f in features)
 
     def start(self, prompts, params):
-        return FakeDecoder([ord("a") + len(p[0]) % 3 for p in prompts])
+        return FakeDecoder([ord("a") + len(p.ids) % 3 for p in prompts])
 
     def detokenize(self, ids):
         return "".join(chr(i) for i in ids)
@@ -272,7 +272,7 @@ def run(service, groups, max_rows=16, delay_s=0.0):
     """Submit groups of requests to a Scheduler (the later ones ``delay_s`` apart); events per request."""
     from serve.scheduler import Scheduler
 
-    scheduler = Scheduler(service, max_rows)
+    scheduler = Scheduler(service, service.engine, max_rows)
 
     async def one(group, delay):
         await asyncio.sleep(delay)
@@ -305,10 +305,10 @@ def test_service_batches_dedupes_caches_and_isolates_errors():
     out = run(service, [[req([img, clip]), req([img, bad]), req([clip], stream=True, stop=("zz",)),
                          req([img], max_tokens=500)]])
     assert sorted(engine.encode_calls) == [("audio", 1), ("image", 1)]  # one call per modality, deduped
-    assert out[0][-1]["done"] and out[0][-1]["completion_tokens"] == 5 and out[0][-1]["finish_reason"] == "length"
-    assert out[1] == [{"error": out[1][0]["error"]}] and out[1][0]["error"].param == "p2"
-    assert out[2][0]["start"] and "".join(e.get("delta", "") for e in out[2]) == out[2][-1]["text"]
-    assert out[3][0]["error"].code == "context_length_exceeded"
+    assert out[0][-1].done and out[0][-1].completion_tokens == 5 and out[0][-1].finish_reason == "length"
+    assert len(out[1]) == 1 and out[1][0].error.param == "p2"
+    assert out[2][0].start and "".join(e.delta for e in out[2]) == out[2][-1].text
+    assert out[3][0].error.code == "context_length_exceeded"
     run(service, [[req([img, clip])]])  # the next turn re-sends both: no encoder call
     assert len(engine.encode_calls) == 2 and service.stats()["cache"]["hits"] == 2
 
@@ -321,7 +321,7 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     service = ChatService(engine, FeatureCache(0))
     groups = [[req([], max_tokens=40)], [req([], max_tokens=3), req([], max_tokens=3)], [req([], max_tokens=5)]]
     out = run(service, groups, max_rows=3, delay_s=0.02)
-    assert [o[-1]["completion_tokens"] for o in out] == [40, 3, 3, 5]
+    assert [o[-1].completion_tokens for o in out] == [40, 3, 3, 5]
     sizes = decoders[0].sizes
     assert max(sizes) == 3 and sizes[-1] == 1  # later groups joined the first row, then left it
     assert service.stats()["max_batch"] == 3

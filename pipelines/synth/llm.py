@@ -99,7 +99,7 @@ class PlanLLMDialogues:
         show, tell, refs = [], [], []
         for k, (m, (mid, texts)) in enumerate(items, start=1):
             name = NAMES[lang][m] + (f" {k}" if kind.startswith("multi") else "")
-            show.append(f"{name}: <{m}></{m}>" if len(items) > 1 else f"<{m}></{m}>")
+            show.append(f"<{m}></{m}>")  # the renderer labels it ("Image 1: ", mmm/chat.py)
             tell.append(f"{name}: {texts.get(lang) or next(iter(texts.values()))}")
             refs.append(name.lower())
         ask = ASK[kind][0 if lang == "en" else 1].format(refs=_join_refs(refs, lang) if len(refs) > 1 else "")

@@ -25,7 +25,6 @@ from .words import COLOURS, COUNTS, PITCHES, SINGLE_REF, label
 
 SOURCE = "offline"
 VALUES = {"colour": list(COLOURS), "count": list(COUNTS), "pitch": list(PITCHES)}
-HEADER = {"en": {"image": "Image", "audio": "Audio"}, "ms": {"image": "Gambar", "audio": "Audio"}}
 
 
 @dataclass
@@ -59,10 +58,6 @@ def num_eval(n: int, fraction: float) -> int:
     if n < 20:
         return 0
     return max(10, int(round(n * fraction / 10)) * 10)
-
-
-def _capital(label_text: str) -> str:
-    return label_text[0].upper() + label_text[1:]
 
 
 class OfflineDialogues:
@@ -145,15 +140,9 @@ class OfflineDialogues:
 
     @staticmethod
     def _header(new: list[Q.Item], lang: str, kind: str) -> str:
-        """Spans for the items this turn shows: bare for one item, named when there are several."""
-        spans = [f"<{it.modality}></{it.modality}>" for it in new]
-        if kind in ("visual_context", "audio_instruction"):
-            return "".join(s + "\n" for s in spans)
-        if kind == "image_audio":  # one of each: "Image: ...", "Audio: ..."
-            names = [HEADER[lang][it.modality] for it in new]
-        else:  # "Image 2: ...", "Gambar 2: ..."
-            names = [_capital(it.ref[lang]) for it in new]
-        return "".join(f"{n}: {s}\n" for n, s in zip(names, spans))
+        """Bare spans for the items this turn shows, one a line: the renderer labels each one
+        ("Image 2: ", "Audio 1: ", mmm/chat.py), which the questions' "image 2" / "gambar 2" name."""
+        return "".join(f"<{it.modality}></{it.modality}>\n" for it in new)
 
     def _question(self, kind, shown, new, lang, rng, asked, recall=False):
         """A question not yet asked in this dialogue (up to a few tries), with its answer; a recall
