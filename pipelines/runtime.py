@@ -68,24 +68,32 @@ def init_ray(cfg: RayConfig) -> bool:
     return started
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for its laptop mode, read once when ``ray`` is imported: "0" makes a local node
+use 127.0.0.1 as its address, so every server it starts binds to loopback only."""
+
+
 def start_local_ray(**init_kwargs) -> None:
     """``ray.init`` a private single-machine instance whose servers listen on 127.0.0.1 only.
 
-    A plain local ``ray.init`` binds its GCS, raylet and workers to every interface, and turns
-    ``_node_ip_address="127.0.0.1"`` back into the machine's address. Ray's loopback-only mode
-    (what it uses on a laptop, ``ENABLE_RAY_CLUSTER`` off) binds them all to 127.0.0.1; the flag is
-    read when the node starts, so it is switched on for this call only. ``address="local"``: never
-    attach to a stale ``ray start`` left behind on this machine.
+    A plain local ``ray.init`` on Linux takes the machine's address as the node's and binds its
+    GCS, raylet and workers to it (``_node_ip_address="127.0.0.1"`` is turned back into that
+    address). With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment when ``ray`` is first
+    imported, Ray uses loopback instead, as it does on a laptop. The jobs import ray lazily, so
+    setting it here is in time; a process that imported ray earlier (a test session) sets it
+    before that import, and is told so otherwise. ``address="local"``: never attach to a stale
+    ``ray start`` left behind on this machine.
     """
+    os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
-    from ray._private import ray_constants
 
-    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", **init_kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in ("127.0.0.1", "::1"):
+        raise RuntimeError(
+            f"a local Ray here would listen on {node_ip}, not 127.0.0.1: set {LOOPBACK_ENV}=0 in the "
+            "environment before ray is first imported (tests/conftest.py does), or start a cluster "
+            "with `ray start --head --node-ip-address=127.0.0.1` and set RAY_ADDRESS")
+    ray.init(address="local", **init_kwargs)
 
 
 class Chain:

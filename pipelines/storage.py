@@ -39,10 +39,11 @@ class StorageConfig:
                 client["endpoint_url"] = self.endpoint_url
             fs = s3fs.S3FileSystem(key=self.key, secret=self.secret, client_kwargs=client)
             return fs, uri[len("s3://") :].rstrip("/")
-        from fsspec.implementations.local import LocalFileSystem
+        from fsspec.core import url_to_fs
 
-        fs = LocalFileSystem(auto_mkdir=True)
-        return fs, fs._strip_protocol(uri).rstrip("/") or "/"
+        # url_to_fs makes a local path absolute and drops a file:// scheme.
+        fs, path = url_to_fs(uri, auto_mkdir=True)
+        return fs, path.rstrip("/") or "/"
 
 
 def join(root: str, *parts: str) -> str:
