@@ -46,11 +46,18 @@ class RayConfig:
     """Ray Data progress bars while a pipeline runs."""
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for its laptop mode, read once when ``ray`` is imported: "0" makes a local node
+use 127.0.0.1 as its address, so every server it starts binds to loopback only."""
+
+
 def init_ray(cfg: RayConfig) -> bool:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one.
 
     Returns True when this call started Ray (so the caller should shut it down).
     """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(LOOPBACK_ENV, "0")  # before ray's first import: see start_local_ray
     import ray
     from ray.data import DataContext
 
@@ -66,11 +73,6 @@ def init_ray(cfg: RayConfig) -> bool:
     ctx.enable_progress_bars = cfg.progress
     ctx.enable_operator_progress_bars = cfg.progress
     return started
-
-
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-"""Ray's switch for its laptop mode, read once when ``ray`` is imported: "0" makes a local node
-use 127.0.0.1 as its address, so every server it starts binds to loopback only."""
 
 
 def start_local_ray(**init_kwargs) -> None:

@@ -87,13 +87,16 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def serve_and_chat(checkpoint: str | None, turns: list[list], max_tokens: int = 24, timeout_s: float = 300) -> list[str]:
+def serve_and_chat(checkpoint: str | None, turns: list[list], max_tokens: int = 24, timeout_s: float = 300,
+                   log_path: str | None = None) -> list[str]:
     """Start the app, send each user turn (parts or strings) with the whole history, print and return
-    the answers, stop the app. Each turn re-sends the earlier media, as OpenAI clients do."""
+    the answers, stop the app. Each turn re-sends the earlier media, as OpenAI clients do. The
+    server's output goes to ``log_path`` (default: a file in the temp dir)."""
     import openai
 
     port = _free_port()
-    log_path = os.path.join(tempfile.gettempdir(), f"mmm-serve-{port}.log")
+    log_path = log_path or os.path.join(tempfile.gettempdir(), f"mmm-serve-{port}.log")
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     proc = start_server(checkpoint, port, log_path)
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s)
@@ -109,7 +112,7 @@ def serve_and_chat(checkpoint: str | None, turns: list[list], max_tokens: int = 
             history.append({"role": "assistant", "content": answer})
             answers.append(answer)
             media = [p["type"] for p in parts if p["type"] != "text"]
-            text = " ".join(p["text"] for p in parts if p["type"] == "text")
+            text = " ".join(p["text"].strip() for p in parts if p["type"] == "text")
             print(f"user: [{', '.join(media)}] {text}\nmmm:  {answer}   ({reply.usage.prompt_tokens} prompt tokens)\n")
         return answers
     finally:
