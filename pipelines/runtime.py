@@ -28,7 +28,13 @@ class PoolConfig:
     """Set to 1 (or a fraction to share a GPU) on a GPU cluster; 0 runs on CPU."""
 
     def options(self) -> dict:
-        """``map_batches`` keyword arguments for this pool."""
+        """``map_batches`` keyword arguments for this pool.
+
+        Ray Data hands every pool actor its DataContext and map function as object refs and
+        restarts lost actors (``max_restarts=-1``), so Ray's core worker logs an ``E ...
+        constructor arguments in the object store`` line for each pool whatever our constructor
+        arguments are (ray-project/ray#57733, #53727). Restarts are worth more than a quiet log;
+        the line goes to the job's log file (``make demo`` keeps those in outputs/demo/logs/)."""
         from ray.data import ActorPoolStrategy
 
         opts = {"compute": ActorPoolStrategy(size=self.concurrency), "batch_size": self.batch_size, "num_cpus": self.num_cpus}
