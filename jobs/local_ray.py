@@ -85,7 +85,12 @@ class LocalRayCluster:
         ]
         # A new session: `ray start` becomes its leader, so sid == its pid, and every daemon it
         # forks (and everything those start) carries that sid after `ray start` itself exits.
-        proc = subprocess.Popen(cmd, env=self.env, cwd=self.temp_dir, start_new_session=True,
+        # The daemons pass their environment on to every worker and actor. With RAY_ADDRESS naming
+        # this cluster, Ray's own helpers that look a cluster up by address (the State API that Ray
+        # Train's PlacementGroupCleaner polls) find this one, not "multiple active Ray instances"
+        # when other clusters run on the machine, which fails that actor and floods the job's log.
+        daemon_env = self.env | {"RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+        proc = subprocess.Popen(cmd, env=daemon_env, cwd=self.temp_dir, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.sid = proc.pid
         try:
