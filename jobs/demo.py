@@ -202,7 +202,11 @@ def main(argv=None) -> int:
         t = time.time()
         turns, expected = chat_turns(out / "data")
         print("\nA 3-turn chat through the OpenAI API (serve run serve.app:build):", flush=True)
-        answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(logs / "serve.log"))
+        try:
+            answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(logs / "serve.log"))
+        except (RuntimeError, TimeoutError) as e:
+            print(f"serve: {e}; its log: {_shown(logs / 'serve.log')}", file=sys.stderr)
+            return 1
         names = {"image_url": "[image]", "input_audio": "[audio]"}
         texts = ["".join(p if isinstance(p, str) else names[p["type"]] for p in turn).replace("\n", " ") for turn in turns]
         chat = list(zip(texts, answers, expected))

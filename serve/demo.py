@@ -70,7 +70,8 @@ def start_server(checkpoint: str | None, port: int, log_path: str) -> subprocess
     if checkpoint:
         cmd.append(f"checkpoint={checkpoint}")
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-                        "RAY_TMPDIR": tempfile.mkdtemp(prefix="mmm-demo-serve-", dir="/tmp")}
+                        "RAY_TMPDIR": tempfile.mkdtemp(prefix="mmm-demo-serve-", dir="/tmp"),
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # its own Ray binds 127.0.0.1 only
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
