@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmm-installed
+# The web chat's packages (gradio): `make test` and `make ui` need them, `make demo` does not.
+UI_STAMP := $(VENV)/.mmm-ui-installed
 
 # DeepSpeed JIT-builds its CPU ops once; keep them with the venv so reruns reuse them.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
@@ -11,7 +13,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo clean
+.PHONY: install test demo ui clean
 
 install: $(STAMP)
 
@@ -23,11 +25,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
-test: $(STAMP)
+$(UI_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[dev,ui]'
+	touch $@
+
+test: $(UI_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# One line per step; every job's full output is in outputs/demo/logs/. VERBOSE=1 prints it all.
 demo: $(STAMP)
-	$(PY) -u jobs/demo.py
+	$(PY) -u jobs/demo.py $(if $(VERBOSE),--verbose,)
+
+# The web chat on http://127.0.0.1:7860 for a running `serve run serve.app:mmm`
+# (MMM_API_BASE=http://HOST:PORT/v1 and MMM_API_KEY point it elsewhere).
+ui: $(UI_STAMP)
+	$(PY) ui/app.py
 
 clean:
 	rm -rf outputs/demo

@@ -4,6 +4,7 @@ Usage:
     python jobs/demo.py                 # reuse whatever earlier runs finished
     python jobs/demo.py --fresh         # start over (removes outputs/demo)
     python jobs/demo.py --until evaluate   # stop before serving
+    python jobs/demo.py --verbose       # every job's full output on the terminal too
 
 Starts its own local Ray (``ray start --head`` on 127.0.0.1, stopped by PID at the end) and runs
 each job as a user would on a cluster, with ``RAY_ADDRESS`` pointing at it:
@@ -14,15 +15,18 @@ each job as a user would on a cluster, with ``RAY_ADDRESS`` pointing at it:
 A step whose output is already complete is skipped, so a rerun resumes where the last one
 stopped. Everything lands under ``outputs/demo/``: ``data/`` (media, features, dialogues),
 ``stage1/`` and ``stage2/`` (exports + metrics), ``eval.json``, PNG plots and ``report.md``.
+
+The terminal gets one line per step, the chat and the accuracy table. Each job's whole output is
+in ``outputs/demo/logs/<step>.log``, the local cluster's own logs in ``outputs/demo/logs/ray/``
+and the server's in ``outputs/demo/logs/serve.log``; ``--verbose`` (or ``MMM_VERBOSE=1``) also
+streams every job's output to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from jobs.steplog import StepFailed, last_json, run_logged, verbose_from_env  # noqa: E402
 
 
 @dataclass
@@ -58,17 +64,54 @@ def steps(out: Path) -> list[Step]:
     ]
 
 
-def run_step(step: Step, out: Path, env: dict) -> float:
+def with_overrides(all_steps: list[Step], overrides: list[str]) -> list[Step]:
+    """Append each ``STEP:key=value`` to that step's command line (a bad step name is an error)."""
+    by_name = {s.name: s for s in all_steps}
+    for item in overrides:
+        name, sep, kv = item.partition(":")
+        if not sep or name not in by_name or "=" not in kv:
+            raise SystemExit(f"--set {item!r}: expected STEP:key=value with STEP one of {sorted(by_name)}")
+        by_name[name].argv.append(kv)
+    return all_steps
+
+
+def run_step(step: Step, out: Path, env: dict, verbose: bool) -> float:
     marker = out / step.done_marker if step.done_marker else None
     if marker is not None and marker.exists():
-        print(f"== {step.name}: done earlier ({marker.relative_to(REPO) if marker.is_relative_to(REPO) else marker}), skipped")
+        print(f"{step.name}: done earlier ({_shown(marker)}), skipped", flush=True)
         return 0.0
-    print(f"\n== {step.name}: python {' '.join(step.argv)}", flush=True)
-    start = time.time()
-    subprocess.run([sys.executable, "-u", *step.argv], cwd=REPO, env=env, check=True)
+    log = out / "logs" / f"{step.name}.log"
+    if verbose:
+        print(f"\n== {step.name}: python {' '.join(step.argv)}", flush=True)
+    seconds = run_logged(step.name, [sys.executable, "-u", *step.argv], log, cwd=REPO, env=env, verbose=verbose)
     if marker is not None and not marker.exists():
-        raise RuntimeError(f"step {step.name} finished but did not write {marker}")
-    return time.time() - start
+        raise StepFailed(f"step {step.name} finished but did not write {marker}; see {_shown(log)}")
+    print(f"{step.name}: {seconds:.0f} s, {describe(step.name, last_json(log) or {}, out)}", flush=True)
+    return seconds
+
+
+def describe(name: str, summary: dict, out: Path) -> str:
+    """The figures a reader wants from each job's last-line JSON summary, in a few words."""
+    if name == "synthesize":
+        media = summary.get("media", {})
+        count = lambda kind: sum(v for k, v in media.items() if k.startswith(kind))  # noqa: E731
+        return f"{count('image')} images, {count('audio')} clips, {summary.get('dialogues')} dialogues"
+    if name == "features":
+        enc = summary.get("encoded", {})
+        return (f"{sum(enc.values())} items encoded ({', '.join(f'{v} {k}' for k, v in enc.items())}), "
+                f"{summary.get('skipped', 0)} already stored, {summary.get('errors', 0)} errors")
+    if name in ("pretrain", "finetune"):
+        loss = summary.get("loss")
+        return (f"{summary.get('steps')} steps, loss {summary.get('first_loss', float('nan')):.3f} -> "
+                f"{loss if loss is None else round(loss, 3)}, {summary.get('train_seconds')} s of training")
+    if name == "evaluate" and (out / "eval.json").exists():
+        ev = json.loads((out / "eval.json").read_text())
+        return f"{ev['overall']:.1%} exact match on {ev['counts']['turns']} held-out turns"
+    return "done"
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def chat_turns(data: Path):
@@ -121,6 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--fresh", action="store_true", help="remove the demo folder first")
     ap.add_argument("--until", choices=[s.name for s in steps(Path("."))] + ["serve"], default="serve")
+    ap.add_argument("--set", action="append", default=[], metavar="STEP:key=value",
+                    help="an override for one step's job, e.g. finetune:train.max_steps=100 (repeatable)")
+    ap.add_argument("--verbose", action="store_true", default=verbose_from_env(),
+                    help="stream every job's output to the terminal too (also MMM_VERBOSE=1)")
     args = ap.parse_args(argv)
     out = (REPO / args.out).resolve()
     if args.fresh:
@@ -129,19 +176,24 @@ def main(argv=None) -> int:
 
     from jobs.local_ray import LocalRayCluster
 
-    start, timings = time.time(), {}
+    start, timings, logs = time.time(), {}, out / "logs"
     cluster = LocalRayCluster(num_cpus=4)  # logical CPUs > cores: Ray Data's actors never starve
-    print(f"starting a local Ray cluster (127.0.0.1, temp dir {cluster.temp_dir})", flush=True)
-    cluster.start()
+    print(f"local Ray cluster on 127.0.0.1; logs of every step in {_shown(logs)}/", flush=True)
     env = cluster.env | {"RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}", "PYTHONPATH": str(REPO)}
     try:
-        for step in steps(out):
-            timings[step.name] = run_step(step, out, env)
+        try:
+            cluster.start()  # inside the outer try: a start that times out still leaves daemons to stop
+        except RuntimeError as e:
+            raise StepFailed(f"the local Ray cluster did not start: {e}") from e
+        for step in with_overrides(steps(out), args.set):
+            timings[step.name] = run_step(step, out, env, args.verbose)
             if step.name == args.until:
                 break
+    except StepFailed as e:
+        print(e, file=sys.stderr)
+        return 1
     finally:
-        cluster.stop()
-        print("local Ray cluster stopped", flush=True)
+        cluster.stop(keep_logs=logs / "ray")
     ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else None
     chat = []
     if args.until == "serve":
@@ -149,14 +201,19 @@ def main(argv=None) -> int:
 
         t = time.time()
         turns, expected = chat_turns(out / "data")
-        answers = serve_and_chat(str(out / "stage2" / "final"), turns)
+        print("\nA 3-turn chat through the OpenAI API (serve run serve.app:build):", flush=True)
+        try:
+            answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(logs / "serve.log"))
+        except (RuntimeError, TimeoutError) as e:
+            print(f"serve: {e}; its log: {_shown(logs / 'serve.log')}", file=sys.stderr)
+            return 1
         names = {"image_url": "[image]", "input_audio": "[audio]"}
         texts = ["".join(p if isinstance(p, str) else names[p["type"]] for p in turn).replace("\n", " ") for turn in turns]
         chat = list(zip(texts, answers, expected))
         timings["serve + chat"] = time.time() - t
     if ev is not None:
-        print("\nAccuracy on held-out media:\n" + accuracy_table(ev))
-        print(f"\nreport: {write_report(out, ev, timings, chat)}")
+        print("Accuracy on held-out media:\n" + accuracy_table(ev))
+        print(f"\nreport: {_shown(write_report(out, ev, timings, chat))}")
     print(f"demo finished in {time.time() - start:.0f} s")
     return 0
 

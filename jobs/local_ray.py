@@ -85,7 +85,12 @@ class LocalRayCluster:
         ]
         # A new session: `ray start` becomes its leader, so sid == its pid, and every daemon it
         # forks (and everything those start) carries that sid after `ray start` itself exits.
-        proc = subprocess.Popen(cmd, env=self.env, cwd=self.temp_dir, start_new_session=True,
+        # The daemons pass their environment on to every worker and actor. With RAY_ADDRESS naming
+        # this cluster, Ray's own helpers that look a cluster up by address (the State API that Ray
+        # Train's PlacementGroupCleaner polls) find this one, not "multiple active Ray instances"
+        # when other clusters run on the machine, which fails that actor and floods the job's log.
+        daemon_env = self.env | {"RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+        proc = subprocess.Popen(cmd, env=daemon_env, cwd=self.temp_dir, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.sid = proc.pid
         try:
@@ -125,9 +130,11 @@ class LocalRayCluster:
                 found.append(int(entry))
         return found
 
-    def stop(self, grace_s: float = 8.0) -> None:
+    def stop(self, grace_s: float = 8.0, keep_logs: Path | None = None) -> None:
         """SIGTERM the session's processes, SIGKILL what is left after ``grace_s``, remove the temp dir
-        (which holds ``ray_current_cluster``, so no later ``ray.init`` retries this dead address)."""
+        (which holds ``ray_current_cluster``, so no later ``ray.init`` retries this dead address).
+        ``keep_logs``: copy the session's logs (GCS, raylet, workers, jobs) there first; the temp dir
+        itself has to stay short (Ray's unix sockets live under it)."""
         if self.sid is not None:
             _signal_all(self.pids(), signal.SIGTERM)
             deadline = time.time() + grace_s
@@ -137,8 +144,17 @@ class LocalRayCluster:
             deadline = time.time() + 5
             while self.pids() and time.time() < deadline:
                 time.sleep(0.1)
+        if keep_logs is not None:
+            self.copy_logs(keep_logs)
         Path(self.temp_dir, "ray_current_cluster").unlink(missing_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def copy_logs(self, dest: Path) -> None:
+        """The session's log folder, copied to ``dest`` (merged into what an earlier run left)."""
+        logs = Path(self.temp_dir, "session_latest", "logs")
+        if logs.is_dir():
+            shutil.copytree(logs, dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                            ignore=shutil.ignore_patterns("*.sock", "*.pipe"))
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)

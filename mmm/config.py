@@ -57,9 +57,8 @@ class AudioConfig:
     init_std: float = 0.1
     """Random tiny encoders at Whisper's 0.02 erase their input (positions dominate after the final
     LayerNorm); larger scales keep it. A probe of the projector's shape (stride-4 conv, pooled) on
-    700 held-out clips reads beep count 99.6% at 0.05, 100% at 0.1, 97.3% at 0.2, 72% at 0.5 (pitch
-    99.9-100% throughout); 0.1 lifted the chain's beep-count answers from 83% to 92%. Ignored for
-    pretrained weights."""
+    700 held-out clips reads beep count best at 0.1 (docs/LEARNING.md#audio-encoder-init-scale).
+    Ignored for pretrained weights."""
     select_layer: int = -1
     """Whisper's last layer (after its final LayerNorm), as the paper and Qwen-Audio use."""
     max_seconds: float = 600.0
@@ -105,10 +104,9 @@ class LLMConfig:
     """Hub name or local path (TinyLlama-1.1B, Mistral-7B, ...); None builds a random Llama."""
     hidden_size: int = 128
     num_layers: int = 2
-    """The tiny preset uses 3: naming an item ("image 2") and reading it are two attention hops. With
-    2 layers the tiny LM learned that in 2 of 6 chain runs (79-88% overall), with 3 in 2 of 5
-    (78-90%, the best run and mean), at ~25% more time a step (issue 4's session notes). A 4-layer LM lost
-    within the budget."""
+    """The tiny preset uses 3: naming an item ("image 2") and reading it are two attention hops; 3
+    layers gave the best run and mean at ~25% more time a step, 4 lose within the 10-minute budget
+    (docs/LEARNING.md#lm-depth-and-tied-embeddings)."""
     num_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 2048
@@ -126,8 +124,9 @@ class LLMConfig:
     """Share the input embeddings with the output head (a random LM only; a pretrained one keeps its
     own choice). The tiny preset ties them: a fact word's input embedding is then trained by every
     answer naming that fact, not only by the few questions that mention it, which is what yes/no
-    claims ("Is the tone in audio 1 high?") compare an item against. The one 2-layer run that learned
-    claims was tied; thin evidence (issue 4's session notes)."""
+    claims ("Is the tone in audio 1 high?") compare an item against
+    (docs/LEARNING.md#lm-depth-and-tied-embeddings)."""
+
     def __post_init__(self) -> None:
         if self.tie_embeddings and self.pretrained:
             raise ValueError(f"llm.tie_embeddings applies to a randomly built LM; {self.pretrained!r} keeps its "

@@ -31,7 +31,8 @@ def log_mel(extractor, windows: list[np.ndarray], window_samples: int) -> torch.
     out = torch.empty(len(windows), filters.shape[0], frames)
     hann = torch.hann_window(n_fft)
     for i, wave in enumerate(windows):
-        out[i] = _one(torch.from_numpy(np.asarray(wave, np.float32)), filters, hann, n_fft, hop, frames)
+        # A copy: waves decoded from Arrow buffers are read-only, which torch.from_numpy warns about.
+        out[i] = _one(torch.tensor(np.asarray(wave, np.float32)), filters, hann, n_fft, hop, frames)
     return out
 
 

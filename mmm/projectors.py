@@ -85,8 +85,8 @@ class ItemOrdinals(nn.Module):
     """A learned vector per item number and modality (1st image, 2nd image, ..., 1st clip, ...),
     added to every projected token of that item's span; see mmm/spans.py for why.
 
-    Items past ``limit`` share the last vector. Init std 0.05, the calibration's value (zero and
-    0.5 scored within noise of it).
+    Items past ``limit`` share the last vector. Init std 0.05; zero and 0.5 score within noise of it
+    (docs/LEARNING.md#binding-aids).
     """
 
     def __init__(self, modalities: tuple[str, ...], limit: int, dim: int):

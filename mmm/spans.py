@@ -3,8 +3,8 @@
 Two optional aids (``projector.item_ordinals``, ``llm.shared_span_positions``) for an LM that has
 to learn from scratch which span "image 2" names. A pretrained LM reads the "Image 2:" label in
 front of a span; the tiny preset's random LM instead learns to answer about the most
-recent item, which pays on most turns. Measured on the tiny preset (README, "Learning"), the two
-together made questions about an earlier item learnable (90% where either alone gave 70%):
+recent item, which pays on most turns. On the tiny preset the two together make questions about
+an earlier item learnable (90% where either alone gives 70%, docs/LEARNING.md#binding-aids):
 
 * the item number (1st, 2nd, ... image of the sample) is embedded into every token of the span,
   so "which span is image 2" is a lookup rather than a count over the whole context;

@@ -70,7 +70,7 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
     # its token ("Ġblue"), but an answer follows "assistant\n" with no space ("blue"): the word
     # the model learns to say and the same word in a question ("Are the shapes blue?") would be
     # unrelated tokens, and every yes/no or "which image" question would have to learn the pair
-    # from scratch (measured: such questions sat near chance while "what colour" was 100%).
+    # from scratch (they sit near chance while "what colour" is 100%: docs/LEARNING.md#tokenizer).
     # So a line that starts with a word gets a space; decoding strips the one before the text.
     tok.normalizer = normalizers.Replace(Regex(r"\n(?=\S)"), "\n ")
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

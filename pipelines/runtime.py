@@ -28,7 +28,13 @@ class PoolConfig:
     """Set to 1 (or a fraction to share a GPU) on a GPU cluster; 0 runs on CPU."""
 
     def options(self) -> dict:
-        """``map_batches`` keyword arguments for this pool."""
+        """``map_batches`` keyword arguments for this pool.
+
+        Ray Data hands every pool actor its DataContext and map function as object refs and
+        restarts lost actors (``max_restarts=-1``), so Ray's core worker logs an ``E ...
+        constructor arguments in the object store`` line for each pool whatever our constructor
+        arguments are (ray-project/ray#57733, #53727). Restarts are worth more than a quiet log;
+        the line goes to the job's log file (``make demo`` keeps those in outputs/demo/logs/)."""
         from ray.data import ActorPoolStrategy
 
         opts = {"compute": ActorPoolStrategy(size=self.concurrency), "batch_size": self.batch_size, "num_cpus": self.num_cpus}
@@ -46,11 +52,18 @@ class RayConfig:
     """Ray Data progress bars while a pipeline runs."""
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for its laptop mode, read once when ``ray`` is imported: "0" makes a local node
+use 127.0.0.1 as its address, so every server it starts binds to loopback only."""
+
+
 def init_ray(cfg: RayConfig) -> bool:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one.
 
     Returns True when this call started Ray (so the caller should shut it down).
     """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(LOOPBACK_ENV, "0")  # before ray's first import: see start_local_ray
     import ray
     from ray.data import DataContext
 
@@ -71,21 +84,24 @@ def init_ray(cfg: RayConfig) -> bool:
 def start_local_ray(**init_kwargs) -> None:
     """``ray.init`` a private single-machine instance whose servers listen on 127.0.0.1 only.
 
-    A plain local ``ray.init`` binds its GCS, raylet and workers to every interface, and turns
-    ``_node_ip_address="127.0.0.1"`` back into the machine's address. Ray's loopback-only mode
-    (what it uses on a laptop, ``ENABLE_RAY_CLUSTER`` off) binds them all to 127.0.0.1; the flag is
-    read when the node starts, so it is switched on for this call only. ``address="local"``: never
-    attach to a stale ``ray start`` left behind on this machine.
+    A plain local ``ray.init`` on Linux takes the machine's address as the node's and binds its
+    GCS, raylet and workers to it (``_node_ip_address="127.0.0.1"`` is turned back into that
+    address). With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment when ``ray`` is first
+    imported, Ray uses loopback instead, as it does on a laptop. The jobs import ray lazily, so
+    setting it here is in time; a process that imported ray earlier (a test session) sets it
+    before that import, and is told so otherwise. ``address="local"``: never attach to a stale
+    ``ray start`` left behind on this machine.
     """
+    os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
-    from ray._private import ray_constants
 
-    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", **init_kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in ("127.0.0.1", "::1"):
+        raise RuntimeError(
+            f"a local Ray here would listen on {node_ip}, not 127.0.0.1: set {LOOPBACK_ENV}=0 in the "
+            "environment before ray is first imported (tests/conftest.py does), or start a cluster "
+            "with `ray start --head --node-ip-address=127.0.0.1` and set RAY_ADDRESS")
+    ray.init(address="local", **init_kwargs)
 
 
 class Chain:

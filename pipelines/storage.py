@@ -43,10 +43,11 @@ class StorageConfig:
 
             fs = s3fs.S3FileSystem(**self.storage_options())
             return fs, uri[len("s3://") :].rstrip("/")
-        from fsspec.implementations.local import LocalFileSystem
+        from fsspec.core import url_to_fs
 
-        fs = LocalFileSystem(auto_mkdir=True)
-        return fs, fs._strip_protocol(uri).rstrip("/") or "/"
+        # url_to_fs makes a local path absolute and drops a file:// scheme.
+        fs, path = url_to_fs(uri, auto_mkdir=True)
+        return fs, path.rstrip("/") or "/"
 
 
 def join(root: str, *parts: str) -> str:

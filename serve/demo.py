@@ -70,7 +70,8 @@ def start_server(checkpoint: str | None, port: int, log_path: str) -> subprocess
     if checkpoint:
         cmd.append(f"checkpoint={checkpoint}")
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-                        "RAY_TMPDIR": tempfile.mkdtemp(prefix="mmm-demo-serve-", dir="/tmp")}
+                        "RAY_TMPDIR": tempfile.mkdtemp(prefix="mmm-demo-serve-", dir="/tmp"),
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # its own Ray binds 127.0.0.1 only
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -87,13 +88,16 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def serve_and_chat(checkpoint: str | None, turns: list[list], max_tokens: int = 24, timeout_s: float = 300) -> list[str]:
+def serve_and_chat(checkpoint: str | None, turns: list[list], max_tokens: int = 24, timeout_s: float = 300,
+                   log_path: str | None = None) -> list[str]:
     """Start the app, send each user turn (parts or strings) with the whole history, print and return
-    the answers, stop the app. Each turn re-sends the earlier media, as OpenAI clients do."""
+    the answers, stop the app. Each turn re-sends the earlier media, as OpenAI clients do. The
+    server's output goes to ``log_path`` (default: a file in the temp dir)."""
     import openai
 
     port = _free_port()
-    log_path = os.path.join(tempfile.gettempdir(), f"mmm-serve-{port}.log")
+    log_path = log_path or os.path.join(tempfile.gettempdir(), f"mmm-serve-{port}.log")
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     proc = start_server(checkpoint, port, log_path)
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s)
@@ -109,7 +113,7 @@ def serve_and_chat(checkpoint: str | None, turns: list[list], max_tokens: int = 
             history.append({"role": "assistant", "content": answer})
             answers.append(answer)
             media = [p["type"] for p in parts if p["type"] != "text"]
-            text = " ".join(p["text"] for p in parts if p["type"] == "text")
+            text = " ".join(p["text"].strip() for p in parts if p["type"] == "text")
             print(f"user: [{', '.join(media)}] {text}\nmmm:  {answer}   ({reply.usage.prompt_tokens} prompt tokens)\n")
         return answers
     finally:

@@ -31,11 +31,15 @@ def three_turn_conversation():
 
 
 def ray_listening_addresses() -> set[str]:
-    """IP addresses that the running local Ray node's processes (GCS, raylet, dashboard agents,
-    workers) listen on."""
+    """IP addresses that the local Ray node started by this process (GCS, raylet, dashboard agents,
+    workers: all descendants of this process) listens on."""
     import psutil
-    from ray._private import worker
 
-    roots = [psutil.Process(p.process.pid) for procs in worker._global_node.all_processes.values() for p in procs]
-    procs = roots + [c for r in roots for c in r.children(recursive=True)]
-    return {c.laddr.ip for p in procs for c in p.net_connections("tcp") if c.status == "LISTEN"}
+    procs = psutil.Process().children(recursive=True)
+    found = set()
+    for p in procs:
+        try:
+            found |= {c.laddr.ip for c in p.net_connections("tcp") if c.status == "LISTEN"}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # a worker that exited between the listing and the query
+    return found
