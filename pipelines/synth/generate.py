@@ -73,6 +73,9 @@ class LLMGenConfig:
     top_p: float = 0.9
     use_vllm: bool = True
     """Use vLLM when it is importable and a GPU is present; else transformers' generate."""
+    check: bool = True
+    """Reject malformed replies (no answer, broken turn order, wrong media references, wrong
+    language) into <out>/synth_errors/ instead of writing them (pipelines/synth/checks.py)."""
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=16, num_cpus=1.0))
     """LM actors: on a GPU cluster num_gpus=1 and concurrency = number of GPUs."""
 
@@ -232,6 +235,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     prepared = gen.prepare()
     stats = write_dialogues(gen.dialogues(), cfg)
     rows = stats.to_pylist()
+    extra = gen.report() if hasattr(gen, "report") else {}
     return {
         "generator": cfg.generator,
         **prepared,
@@ -239,6 +243,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
         "by_kind_lang": {f"{k}/{lg}": n for (k, lg), n in sorted(Counter((r["kind"], r["lang"]) for r in rows).items())},
         "by_split": dict(sorted(Counter(r["split"] for r in rows).items())),
         "by_turns": dict(sorted(Counter(r["turns"] for r in rows).items())),
+        **extra,
         "seconds": round(time.time() - start, 1),
     }
 
