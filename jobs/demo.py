@@ -140,9 +140,13 @@ def chat_turns(data: Path):
 
 
 def accuracy_table(ev: dict) -> str:
-    lines = ["| group | exact match |", "| --- | --- |", f"| **overall** | **{ev['overall']:.1%}** |"]
-    lines += [f"| {k} | {v:.1%} |" for k, v in sorted(ev["by_kind"].items())]
-    lines += [f"| lang={k} | {v:.1%} |" for k, v in sorted(ev["by_lang"].items())]
+    """Held-out media drawn like the training media, and (when present) their out-of-range twins."""
+    ood = ev.get("ood") or {}
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = ["| group | held-out (eval) | other rendering (eval_ood) |", "| --- | --- | --- |",
+             f"| **overall** | **{pct(ev['overall'])}** | **{pct(ood.get('overall'))}** |"]
+    lines += [f"| {k} | {pct(v)} | {pct(ood.get('by_kind', {}).get(k))} |" for k, v in sorted(ev["by_kind"].items())]
+    lines += [f"| lang={k} | {pct(v)} | {pct(ood.get('by_lang', {}).get(k))} |" for k, v in sorted(ev["by_lang"].items())]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a trained checkpoint on the held-out eval split: exact match per kind and language, and loss.
+"""Evaluate a trained checkpoint on the held-out splits: exact match per kind and language, and loss.
 
 Usage:
     python jobs/evaluate.py model=outputs/demo/stage2/final data=outputs/data out=outputs/demo
@@ -12,8 +12,15 @@ batched together), and it counts as right when it equals the reference after nor
 (the offline generator splits media before making dialogues). Loss is the teacher-forced mean
 cross-entropy over every assistant token of the eval dialogues.
 
+Two splits are scored side by side: ``eval`` (held-out media drawn like the training media) and
+``eval_ood`` (the same dialogues about twin media with the same facts, rendered with parameters
+outside the training ranges: other canvas sizes, shades, shape sizes, beep and gap lengths,
+loudness and noise). The gap between them is how much the model learned the renderer rather than
+the facts. Data without an ``eval_ood`` split (imported or older data) is scored on ``eval`` only.
+
 Writes under ``out``:
-    eval.json      {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts", "model", "seconds"}
+    eval.json      {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts", "model", "seconds",
+                    "ood": {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts"}}
     accuracy.png   bar chart per kind and language, with the table of figures
     loss.png       training loss curves of both stages (``metrics`` files; missing ones are skipped)
 and prints the accuracy table.
@@ -53,6 +60,9 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["outputs/demo/stage1/metrics.jsonl", "outputs/demo/stage2/metrics.jsonl"])
     """Training metrics.jsonl files whose loss curves go into loss.png (stage 1, stage 2)."""
     split: str = "eval"
+    ood_split: str = "eval_ood"
+    """A second held-out split scored side by side (stored under "ood"); "" skips it, and data
+    without such rows skips it with a note."""
     max_dialogues: int = 0
     """Evaluate only the first N eval dialogues (0: all). The offline generator cycles kinds and
     languages every 10 dialogues, so any multiple of 10 keeps every kind and both languages."""
@@ -154,15 +164,22 @@ def eval_loss(model, rows: list[dict], index, context_length: int) -> float:
 
 
 def table(result: dict) -> str:
-    """The accuracy table: one line per kind, a column per language, then the totals."""
+    """The accuracy table: one line per kind, a column per language and the total for the eval
+    split, then the same for the ood split when there is one (side by side), then the totals."""
     langs = list(result["by_lang"])
+    parts = [("", result)] + ([("ood ", result["ood"])] if result.get("ood") else [])
     pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
-    lines = [f"{'kind':<18}" + "".join(f"{lg:>8}" for lg in langs) + f"{'all':>8}{'turns':>7}"]
-    for kind, acc in result["by_kind"].items():
-        cells = "".join(f"{pct(result['by_kind_lang'].get(f'{kind}/{lg}')):>8}" for lg in langs)
-        lines.append(f"{kind:<18}{cells}{pct(acc):>8}{result['counts']['by_kind'][kind]:>7}")
-    cells = "".join(f"{pct(result['by_lang'][lg]):>8}" for lg in langs)
-    lines.append(f"{'overall':<18}{cells}{pct(result['overall']):>8}{result['counts']['turns']:>7}")
+
+    def cells(r: dict, kind: str | None) -> str:
+        if kind is None:
+            return "".join(f"{pct(r['by_lang'].get(lg)):>8}" for lg in langs) + f"{pct(r['overall']):>8}"
+        return "".join(f"{pct(r['by_kind_lang'].get(f'{kind}/{lg}')):>8}" for lg in langs) + f"{pct(r['by_kind'].get(kind)):>8}"
+
+    head = "".join(f"{p + lg:>8}" for p, _ in parts for lg in [*langs, "all"])
+    lines = [f"{'kind':<18}{head}{'turns':>7}"]
+    for kind in result["by_kind"]:
+        lines.append(f"{kind:<18}" + "".join(cells(r, kind) for _, r in parts) + f"{result['counts']['by_kind'][kind]:>7}")
+    lines.append(f"{'overall':<18}" + "".join(cells(r, None) for _, r in parts) + f"{result['counts']['turns']:>7}")
     return "\n".join(lines)
 
 
@@ -179,6 +196,11 @@ def plot_accuracy(result: dict, path: str) -> None:
         vals = [result["by_kind"][k] if name == "all" else result["by_kind_lang"].get(f"{k}/{name}") or 0 for k in kinds]
         ax.bar([i + (j - len(langs) / 2) * width for i in range(len(kinds))], [100 * v for v in vals], width, label=name)
     ax.axhline(100 * result["overall"], color="k", ls="--", lw=1, label=f"overall {100 * result['overall']:.1f}%")
+    if result.get("ood"):
+        ood = result["ood"]
+        ax.scatter(range(len(kinds)), [100 * (ood["by_kind"].get(k) or 0) for k in kinds], marker="v", color="r", zorder=3,
+                   label="ood, all")
+        ax.axhline(100 * ood["overall"], color="r", ls=":", lw=1, label=f"ood overall {100 * ood['overall']:.1f}%")
     ax.set_xticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_ylim(0, 105)
     ax.set_ylabel("exact match (%)")
@@ -219,7 +241,7 @@ def plot_losses(paths: list[str], path: str) -> list[str]:
 # ---- the job -----------------------------------------------------------------------------------
 
 
-def load_split(cfg: EvalConfig) -> list[dict]:
+def load_split(cfg: EvalConfig, split: str | None = None, required: bool = True) -> list[dict]:
     import pyarrow.compute as pc
 
     from mmm.schema import DIALOGUES, check_columns
@@ -230,9 +252,10 @@ def load_split(cfg: EvalConfig) -> list[dict]:
     if table is None:
         raise FileNotFoundError(f"{cfg.data}/dialogues has no Parquet files (run jobs/synthesize.py)")
     check_columns(table, DIALOGUES, f"{cfg.data}/dialogues")
-    rows = table.filter(pc.equal(table["split"], cfg.split)).sort_by("dialogue_id").to_pylist()
-    if not rows:
-        raise ValueError(f"{cfg.data}/dialogues has no {cfg.split!r} rows")
+    split = split or cfg.split
+    rows = table.filter(pc.equal(table["split"], split)).sort_by("dialogue_id").to_pylist()
+    if not rows and required:
+        raise ValueError(f"{cfg.data}/dialogues has no {split!r} rows")
     return rows[: cfg.max_dialogues] if cfg.max_dialogues else rows
 
 
@@ -249,16 +272,26 @@ def evaluate(cfg: EvalConfig) -> dict:
                                      storage_options=cfg.storage.storage_options()).eval()
     rows = load_split(cfg)
     manifest = os.path.join(cfg.data, "manifest.parquet")
+    ood = load_split(cfg, cfg.ood_split, required=False) if cfg.ood_split else []
+    if cfg.ood_split and not ood:
+        print(f"note: {cfg.data}/dialogues has no {cfg.ood_split!r} rows; scoring {cfg.split!r} only")
     index = load_index(join(cfg.data, "features"), (model.vision.name, model.audio.name),
-                       {m for r in rows for m in r["media_ids"]} | speech_ids(manifest), cfg.storage)
-    prompts = turn_prompts(model, rows, index)
-    result = score(prompts, answer(model, prompts, cfg.batch_size, cfg.max_new_tokens))
-    result["loss"] = eval_loss(model, rows, index, cfg.loss_context)
+                       {m for r in rows + ood for m in r["media_ids"]} | speech_ids(manifest), cfg.storage)
+    result = score_rows(model, rows, index, cfg)
+    if ood:
+        result["ood"] = score_rows(model, ood, index, cfg)
     speech = evaluate_speech(model, manifest, index)
     if speech is not None:
         result["speech"] = speech
-    result["counts"]["dialogues"] = len(rows)
     result.update(model=cfg.model, phase=model.phase, seconds=round(time.time() - start, 1))
+    return result
+
+
+def score_rows(model, rows: list[dict], index, cfg: EvalConfig) -> dict:
+    prompts = turn_prompts(model, rows, index)
+    result = score(prompts, answer(model, prompts, cfg.batch_size, cfg.max_new_tokens))
+    result["loss"] = eval_loss(model, rows, index, cfg.loss_context)
+    result["counts"]["dialogues"] = len(rows)
     return result
 
 
@@ -273,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot_accuracy(result, os.path.join(cfg.out, "accuracy.png"))
     plot_losses(cfg.metrics, os.path.join(cfg.out, "loss.png"))
     print(table(result))
+    if result.get("ood"):
+        print(f"ood ({cfg.ood_split}) loss {result['ood']['loss']}, overall {result['ood']['overall']}")
     if "speech" in result:
         from evaluation.speech import table as speech_table
 

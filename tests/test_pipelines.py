@@ -53,7 +53,8 @@ def root(ray_local, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def featured(root) -> dict:
-    """Features over a JSONL manifest: the 20 generated items, a corrupt PNG and a missing file."""
+    """Features over a JSONL manifest: the 26 generated items (12 + 8, and the eval items' 3 + 3
+    eval_ood twins), a corrupt PNG and a missing file."""
     bad = root / "bad"
     bad.mkdir()
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)
@@ -77,7 +78,7 @@ def test_feature_shapes_match_the_encoders(root, featured, tiny_model):
     media = pq.read_table(root / "media.parquet")
     check_columns(media, MEDIA, "media.parquet")
     feats = _store(root).load()
-    assert featured["encoded"] == {IMAGE: 12, AUDIO: 8} and len(feats) == 20
+    assert featured["encoded"] == {IMAGE: 15, AUDIO: 11} and len(feats) == 26
     patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
     for row in {r["media_id"]: r for r in media.to_pylist()}.values():
         f = feats[row["media_id"]]
@@ -104,7 +105,7 @@ def test_corrupt_and_missing_files_land_in_errors_and_the_rest_is_written(root, 
     assert by_uri["corrupt.png"]["stage"] == "decode" and "image" in by_uri["corrupt.png"]["reason"]
     assert by_uri["missing.wav"]["stage"] == "read" and by_uri["missing.wav"]["reason"]
     media = pq.read_table(root / "media.parquet")
-    assert len(set(media["media_id"].to_pylist())) == 20 and featured["errors"] == 2
+    assert len(set(media["media_id"].to_pylist())) == 26 and featured["errors"] == 2
     # train items once per language with a caption (stage 1 pairs); eval items without text
     captioned = media.filter(media["caption"].is_valid())
     assert set(captioned["lang"].to_pylist()) == {"en", "ms"}
@@ -115,7 +116,7 @@ def test_rerun_writes_nothing_new(root, featured):
     assert len(before) >= 2
     # Same bytes reached through another source (the media folder): every id is already stored.
     summary = features_job.main([f"source={root / 'media'}", f"out={root}", *SMALL_FEATURES, *QUIET])
-    assert summary["encoded"] == {IMAGE: 0, AUDIO: 0} and summary["skipped"] == 20 and summary["parts_written"] == 0
+    assert summary["encoded"] == {IMAGE: 0, AUDIO: 0} and summary["skipped"] == 26 and summary["parts_written"] == 0
     assert _parts(root) == before
 
 
@@ -127,10 +128,10 @@ def test_a_crashed_run_leaves_a_readable_store_and_the_rerun_completes_it(root, 
     tmp.mkdir(exist_ok=True)
     (tmp / "part-half.parquet.123").write_bytes(b"PAR1 half a file")  # an interrupted write
     store = _store(root)
-    assert len(store.load()) == 20 - len(lost)  # readable: the half file is ignored
+    assert len(store.load()) == 26 - len(lost)  # readable: the half file is ignored
     summary = features_job.main([f"source={root / 'manifest.jsonl'}", f"out={root}", *SMALL_FEATURES, *QUIET])
-    assert sum(summary["encoded"].values()) == len(lost) and summary["skipped"] == 20 - len(lost)
-    assert len(store.table()) == len(store.index()) == 20  # complete, no duplicates
+    assert sum(summary["encoded"].values()) == len(lost) and summary["skipped"] == 26 - len(lost)
+    assert len(store.table()) == len(store.index()) == 26  # complete, no duplicates
 
 
 def _dialogues(root) -> list[dict]:
@@ -154,6 +155,19 @@ def test_dialogues_cover_five_kinds_two_languages_and_eval_media_never_in_train(
         # short: a fact ("segi tiga"), a named fact ("gambar 2 segi tiga"), a verdict after its facts
         assert all(1 <= len(a.split()) <= 5 for a in answers), answers
     assert any("image 2" in m["content"] or "gambar 2" in m["content"] for r in rows for m in r["messages"][2:])
+
+
+def test_eval_ood_twins_ask_the_same_about_the_same_facts_drawn_otherwise(root):
+    rows = {r["dialogue_id"]: r for r in _dialogues(root)}
+    manifest = {r["media_id"]: r for r in pq.read_table(root / "manifest.parquet").to_pylist()}
+    evals = [r for r in rows.values() if r["split"] == "eval"]
+    assert evals and sum(r["split"] == "eval_ood" for r in rows.values()) == len(evals)
+    for r in evals:
+        twin = rows[r["dialogue_id"] + "-ood"]
+        assert twin["split"] == "eval_ood" and twin["messages"] == r["messages"]
+        for a, b in zip(r["media_ids"], twin["media_ids"]):
+            assert a != b and manifest[a]["facts"] == manifest[b]["facts"] and manifest[b]["split"] == "eval_ood"
+            assert manifest[b]["caption"] is None  # stage 1 never sees them
 
 
 def test_dialogues_render_with_the_core_renderer(root, featured, tiny_model):
@@ -289,11 +303,11 @@ def test_s3_round_trip_ingest_features_synthesis(ray_local, s3):
     small = ["offline.num_images=6", "offline.num_audio=6", "dialogues.num_dialogues=20",
              "dialogues.pool.concurrency=1", "offline.pool.concurrency=1"]
     synth_job.main([f"out={root}", *small, *creds, *QUIET])
-    assert len(read_source(f"{root}/media/", s3)) == 12  # an s3:// prefix lists as a source too
+    assert len(read_source(f"{root}/media/", s3)) == 18  # 6 + 6 and 3 + 3 eval_ood twins; an s3:// prefix lists as a source too
     summary = features_job.main([f"source={root}/manifest.parquet", f"out={root}", *SMALL_FEATURES, *creds, *QUIET])
-    assert summary["encoded"] == {IMAGE: 6, AUDIO: 6} and summary["errors"] == 0
+    assert summary["encoded"] == {IMAGE: 9, AUDIO: 9} and summary["errors"] == 0
     llm = synth_job.main(["generator=llm", f"out={root}/llm", f"llm.media={root}/media.parquet", "llm.max_new_tokens=4",
-                          "dialogues.num_dialogues=10", "llm.pool.batch_size=5", *creds, *QUIET])
+                          "dialogues.num_dialogues=10", "llm.pool.batch_size=5", "llm.check=false", *creds, *QUIET])
     assert llm["dialogues"] == 10
     fs, _ = s3.filesystem(root)
     dialogues = pq.read_table("mmm-test/run/llm/dialogues", filesystem=fs).to_pylist()

@@ -6,15 +6,17 @@ writes its dialogues to ``<out>/dialogues/`` and summarises them by kind, langua
 
 Output layout of the offline generator (the default)::
 
-    <out>/media/image/000123.png   generated pictures (PNG, 32x32)
-    <out>/media/audio/000045.wav   generated beeps (WAV, 16 kHz, 1-2 s)
+    <out>/media/image/000123.png   generated pictures (PNG, 24-48 px square)
+    <out>/media/audio/000045.wav   generated beeps (WAV, 16 kHz, 0.6-2.5 s)
+    <out>/media/image-ood/000012.png, audio-ood/...  the eval items' twins for eval_ood (other
+                                   canvas sizes, shades, shape sizes, beep/gap lengths, loudness)
     <out>/media/speech/000007.wav  spoken words (only with espeak-ng and offline.speech=true)
     <out>/manifest.parquet         uri (relative to <out>), modality, caption, transcript, lang,
                                    + media_id, kind, index, split, facts (JSON)
     <out>/dialogues/part-*.parquet DIALOGUES rows
 
-Train media are listed once per language with their caption (stage 1's pairs); eval media once,
-without text, so stage 1 never sees them. Then ``jobs/features.py source=<out>/manifest.parquet
+Train media are listed once per language with their caption (stage 1's pairs); eval and eval_ood
+media once, without text, so stage 1 never sees them. Then ``jobs/features.py source=<out>/manifest.parquet
 out=<out>`` writes ``media.parquet``, ``errors.parquet`` and ``features/`` next to them.
 """
 
@@ -33,7 +35,7 @@ from mmm.schema import AUDIO, DIALOGUES, IMAGE, check_columns
 from ..runtime import PoolConfig, RayConfig, require
 from ..storage import StorageConfig, join, replace_folder, write_parquet_atomic
 from .media import SPEECH, MakeMedia, espeak_available
-from .offline import SOURCE, DialogueConfig, OfflineDialogues, num_eval, pools_from_manifest
+from .offline import SOURCE, DialogueConfig, OfflineDialogues, num_eval, pools_from_manifest, twins_from_manifest
 from .words import audio_caption, image_caption
 
 DIALOGUES_DIR = "dialogues"
@@ -72,6 +74,9 @@ class LLMGenConfig:
     top_p: float = 0.9
     use_vllm: bool = True
     """Use vLLM when it is importable and a GPU is present; else transformers' generate."""
+    check: bool = True
+    """Reject malformed replies (no answer, broken turn order, wrong media references, wrong
+    language) into <out>/synth_errors/ instead of writing them (pipelines/synth/checks.py)."""
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=16, num_cpus=1.0))
     """LM actors: on a GPU cluster num_gpus=1 and concurrency = number of GPUs."""
 
@@ -103,6 +108,7 @@ class OfflineGenerator:
     def __init__(self, cfg: SynthesizeConfig):
         self.cfg = cfg
         self.pools: dict | None = None
+        self.twins: dict[str, str] = {}
 
     def _kinds(self) -> dict[str, int]:
         o = self.cfg.offline
@@ -117,34 +123,42 @@ class OfflineGenerator:
         import ray
 
         kinds = self._kinds()
-        items = [(k, i) for k, n in kinds.items() for i in range(n)]
+        n_eval = self._num_eval(kinds)
+        items = [(k, i, "train") for k, n in kinds.items() for i in range(n)]
+        # the eval items' twins; speech holds out phrases and voices of its own (synth/speech.py)
+        items += [(k, i, "ood") for k, n in n_eval.items() if k != SPEECH for i in range(n)]
         step = self.cfg.offline.pool.batch_size
-        blocks = [pa.table({"kind": [k for k, _ in items[i : i + step]], "index": [j for _, j in items[i : i + step]]})
+        blocks = [pa.table({c: [it[j] for it in items[i : i + step]] for j, c in enumerate(("kind", "index", "style"))})
                   for i in range(0, len(items), step)]
         ds = ray.data.from_arrow(blocks).map_batches(
             MakeMedia, fn_constructor_kwargs={"root": self.cfg.out, "storage": self.cfg.storage, "seed": self.cfg.seed},
             batch_format="pyarrow", **self.cfg.offline.pool.options(),
         )
         rows = ds.take_all()
-        rows = self._split(rows, kinds)
+        rows = self._split(rows, n_eval)
         fs, root = self.cfg.storage.filesystem(self.cfg.out)
         write_parquet_atomic(fs, manifest_table(rows), join(root, MANIFEST))
-        self.pools = pools_from_manifest(rows)
+        self.pools, self.twins = pools_from_manifest(rows), twins_from_manifest(rows)
         counts = Counter((r["kind"], r["split"]) for r in rows)
         speech = "on" if SPEECH in kinds else "off"
         return {"media": {f"{k}/{s}": n for (k, s), n in sorted(counts.items())}, "speech": speech}
 
-    def _split(self, rows: list[dict], kinds: dict[str, int]) -> list[dict]:
-        """Eval = the first indices of each kind; drop byte-identical repeats (one id, one split)."""
+    def _num_eval(self, kinds: dict[str, int]) -> dict[str, int]:
         frac = self.cfg.dialogues.eval_fraction
-        n_eval = {k: max(3, round(n * frac)) if frac > 0 else 0 for k, n in kinds.items()}
+        return {k: max(3, round(n * frac)) if frac > 0 else 0 for k, n in kinds.items()}
+
+    @staticmethod
+    def _split(rows: list[dict], n_eval: dict[str, int]) -> list[dict]:
+        """Eval = the first indices of each kind, eval_ood = their twins drawn out of the training
+        ranges; drop byte-identical repeats (one id, one split)."""
         seen, out = set(), []
-        for r in sorted(rows, key=lambda r: (r["kind"], r["index"])):
+        for r in sorted(rows, key=lambda r: (r["style"] != "train", r["kind"], r["index"])):
             if r["media_id"] in seen:
                 continue
             seen.add(r["media_id"])
-            split = json.loads(r["facts"]).get("split")  # speech items are split by phrase (synth/speech.py)
-            out.append(dict(r, split=split or ("eval" if r["index"] < n_eval[r["kind"]] else "train")))
+            facts_split = json.loads(r["facts"]).get("split")  # speech is split by phrase (synth/speech.py)
+            split = "eval_ood" if r["style"] != "train" else facts_split or ("eval" if r["index"] < n_eval[r["kind"]] else "train")
+            out.append(dict(r, split=split))
         return out
 
     def dialogues(self):
@@ -158,7 +172,7 @@ class OfflineGenerator:
                     raise ValueError(f"the {split} split has fewer than 2 {kind} items; make more media")
         ds = ray.data.from_arrow(_blocks("index", list(range(d.num_dialogues)), d.pool.batch_size))
         return ds.map_batches(
-            OfflineDialogues, fn_constructor_kwargs={"pools": self.pools, "cfg": d, "seed": self.cfg.seed},
+            OfflineDialogues, fn_constructor_kwargs={"pools": self.pools, "cfg": d, "seed": self.cfg.seed, "twins": self.twins},
             batch_format="pyarrow", **d.pool.options(),
         )
 
@@ -226,6 +240,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     prepared = gen.prepare()
     stats = write_dialogues(gen.dialogues(), cfg)
     rows = stats.to_pylist()
+    extra = gen.report() if hasattr(gen, "report") else {}
     return {
         "generator": cfg.generator,
         **prepared,
@@ -233,6 +248,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
         "by_kind_lang": {f"{k}/{lg}": n for (k, lg), n in sorted(Counter((r["kind"], r["lang"]) for r in rows).items())},
         "by_split": dict(sorted(Counter(r["split"] for r in rows).items())),
         "by_turns": dict(sorted(Counter(r["turns"] for r in rows).items())),
+        **extra,
         "seconds": round(time.time() - start, 1),
     }
 

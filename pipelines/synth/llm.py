@@ -11,6 +11,11 @@ in place of the caption). Follow-up turns continue the same chat. Two stages:
 
 Splits are by media: an item is eval when its sha256 falls in the first ``eval_fraction`` of
 the hash space, and a dialogue only uses items of its own split.
+
+Every reply is checked (:mod:`.checks`: no answer, broken turn order, a media reference the
+dialogue does not have, the wrong language); a dialogue with a malformed reply is not written but
+goes to ``<out>/synth_errors/`` (dialogue_id, kind, lang, turn, reason, reply), and the job prints
+the counts by reason. The prompt goes through the model's own chat template.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import pyarrow as pa
 from mmm.schema import AUDIO, DIALOGUES, IMAGE, KINDS, LANGS
 
 from ..runtime import PoolConfig, require, set_torch_threads
+from ..storage import StorageConfig, join, write_parquet_atomic
+from .checks import check_reply
 from .offline import num_eval
 
 SOURCE = "llm"
@@ -42,6 +49,9 @@ FOLLOW_UPS = (
 )
 ANSWER_IN = {"en": "Answer in English.", "ms": "Jawab dalam bahasa Melayu."}
 _MEDIA_TAG = re.compile(r"</?(image|audio)>")
+ERRORS_DIR = "synth_errors"
+REJECTED = pa.schema([("dialogue_id", pa.string()), ("kind", pa.string()), ("lang", pa.string()), ("turn", pa.int32()),
+                      ("reason", pa.string()), ("reply", pa.string())])
 
 
 def pools_from_media(media: pa.Table, eval_fraction: float) -> dict:
@@ -124,12 +134,14 @@ class GenerateReplies:
 
     NEEDS = ("dialogue_id", "kind", "lang", "media_ids", "split", "source", "questions", "prompts")
 
-    def __init__(self, model: str, max_new_tokens: int, temperature: float, top_p: float, use_vllm: bool, num_cpus: float):
+    def __init__(self, model: str, max_new_tokens: int, temperature: float, top_p: float, use_vllm: bool, num_cpus: float,
+                 check: bool = True, errors: str = "", storage: StorageConfig | None = None):
         from .lm import load_backend
 
         set_torch_threads(num_cpus)
         self.backend = load_backend(model, use_vllm)
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.check, self.errors, self.storage = check, errors, storage or StorageConfig()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, self.NEEDS, type(self).__name__)
@@ -143,14 +155,33 @@ class GenerateReplies:
             replies = self.backend.generate([chats[i] for i in active], seed=seed, **self.sampling)
             for i, reply in zip(active, replies):
                 chats[i].append({"role": "assistant", "content": _MEDIA_TAG.sub("", reply).strip()})
-        rows = []
+        rows, rejected = [], []
         for p, chat in zip(plans, chats):
+            bad = self._malformed(p, chat)
+            if bad:
+                rejected.append(bad)
+                continue
             # The stored dialogue shows the media (spans) where the LM was shown their text.
             messages = []
             for j, question in enumerate(p["questions"]):
                 messages += [{"role": "user", "content": question}, chat[2 * j + 1]]
             rows.append({k: p[k] for k in ("dialogue_id", "kind", "lang", "media_ids", "split", "source")} | {"messages": messages})
+        if rejected and self.errors:
+            fs, folder = self.storage.filesystem(self.errors)
+            write_parquet_atomic(fs, pa.Table.from_pylist(rejected, schema=REJECTED), join(folder, f"part-{rejected[0]['dialogue_id']}.parquet"))
         return pa.Table.from_pylist(rows, schema=DIALOGUES)
+
+    def _malformed(self, plan: dict, chat: list[dict]) -> dict | None:
+        """The first malformed reply of a dialogue as a REJECTED row, or None."""
+        if not self.check:
+            return None
+        items = {m: sum(1 for q in plan["questions"] for _ in re.finditer(f"<{m}></{m}>", q)) for m in (IMAGE, AUDIO)}
+        for turn, reply in enumerate(chat[1::2]):
+            reason = check_reply(reply["content"], plan["lang"], items)
+            if reason:
+                return {"dialogue_id": plan["dialogue_id"], "kind": plan["kind"], "lang": plan["lang"], "turn": turn,
+                        "reason": reason, "reply": reply["content"]}
+        return None
 
 
 class LLMGenerator:
@@ -159,7 +190,7 @@ class LLMGenerator:
         self.pools: dict | None = None
 
     def prepare(self) -> dict:
-        from ..storage import join, read_parquet
+        from ..storage import read_parquet
 
         media_uri = self.cfg.llm.media or join(self.cfg.out, "media.parquet")
         fs, path = self.cfg.storage.filesystem(media_uri)
@@ -170,10 +201,25 @@ class LLMGenerator:
         sizes = {f"{m}/{s}": len(v) for s, by_m in self.pools.items() for m, v in by_m.items()}
         return {"media": sizes, "model": self.cfg.llm.model}
 
+    def report(self) -> dict:
+        """Rejected generations by reason (read back from the errors folder after the run)."""
+        from collections import Counter
+
+        from ..storage import read_parquet
+
+        fs, path = self.cfg.storage.filesystem(join(self.cfg.out, ERRORS_DIR))
+        table = read_parquet(fs, path)
+        reasons = Counter(table["reason"].to_pylist()) if table is not None else Counter()
+        return {"rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+
     def dialogues(self):
         import ray
 
         from .generate import _blocks
+
+        fs, errors = self.cfg.storage.filesystem(join(self.cfg.out, ERRORS_DIR))
+        if fs.exists(errors):  # a rerun counts its own rejections only
+            fs.rm(errors, recursive=True)
 
         d, g = self.cfg.dialogues, self.cfg.llm
         plan_kwargs = dict(pools=self.pools, num_dialogues=d.num_dialogues, eval_fraction=d.eval_fraction,
@@ -182,5 +228,6 @@ class LLMGenerator:
         plan = PoolConfig(concurrency=1, batch_size=g.pool.batch_size, num_cpus=0.25)
         ds = ds.map_batches(PlanLLMDialogues, fn_constructor_kwargs=plan_kwargs, batch_format="pyarrow", **plan.options())
         gen_kwargs = dict(model=g.model, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                          use_vllm=g.use_vllm, num_cpus=g.pool.num_cpus)
+                          use_vllm=g.use_vllm, num_cpus=g.pool.num_cpus, check=g.check,
+                          errors=join(self.cfg.out, ERRORS_DIR), storage=self.cfg.storage)
         return ds.map_batches(GenerateReplies, fn_constructor_kwargs=gen_kwargs, batch_format="pyarrow", **g.pool.options())

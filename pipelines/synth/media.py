@@ -3,6 +3,9 @@
 Item ``i`` of a modality is drawn from an RNG seeded by ``(seed, modality, i)``, so the same seed
 gives the same bytes (hence the same media_ids) however the work is split across Ray tasks.
 Facts cycle through every combination in a seeded order, so even a small pool covers them all.
+Everything that is not a fact varies from item to item (:class:`Style`): canvas size, shape size
+and place, colour shade, background; beep and gap lengths, onset, pitch inside its range,
+amplitude, noise. ``eval_ood`` items take those parameters from outside the training ranges.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +43,7 @@ MANIFEST_ROW = pa.schema(
         ("modality", pa.string()),
         ("kind", pa.string()),  # image | audio | speech
         ("index", pa.int64()),
+        ("style", pa.string()),  # train | ood (see Style)
         ("media_id", pa.string()),
         ("facts", pa.string()),  # JSON
     ]
@@ -61,47 +66,111 @@ def facts_for(seed: int, kind: str, index: int) -> dict:
     return dict(combos[index % len(combos)])
 
 
-def draw_image(facts: dict, rng: random.Random, size: int = 32) -> bytes:
-    """``count`` filled shapes, one per quadrant cell, on white; PNG bytes."""
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    cell = size // 2
-    base = COLOURS[facts["colour"]]
-    colour = tuple(int(min(255, max(0, c + rng.randint(-12, 12)))) for c in base)
+@dataclass(frozen=True)
+class Style:
+    """How an item is rendered: the ranges each draw takes its parameters from.
+
+    A range is a tuple of ``(low, high)`` intervals; a value is drawn uniformly from one of them,
+    chosen at random. ``TRAIN`` (train and eval media) varies every parameter widely so a model
+    learns the facts and not the renderer; ``OOD`` (the ``eval_ood`` split) draws every rendering
+    parameter outside ``TRAIN``'s intervals, with the same facts, so the gap between the two
+    splits says how much the model learned the renderer instead.
+    """
+
+    canvas: tuple = ((24, 48),)
+    """Picture side in pixels; the vision encoder resizes every picture to its own size."""
+    fill: tuple = ((0.55, 0.9),)
+    """Shape side as a share of its quadrant cell."""
+    shade: tuple = ((-0.22, 0.22),)
+    """How far the colour moves from its base: negative toward black, positive toward white."""
+    background: tuple = ((236, 255),)
+    """Grey level of the background."""
+    beep: tuple = ((0.12, 0.3),)
+    """Beep length, seconds."""
+    gap: tuple = ((0.12, 0.3),)
+    """Silence between beeps, seconds."""
+    amplitude: tuple = ((0.15, 0.6),)
+    noise: tuple = ((0.0, 0.015),)
+    """Standard deviation of the background noise."""
+    tail: tuple = ((0.2, 1.0),)
+    """Seconds of clip around the beeps (split at random between onset and end)."""
+    speed: tuple = ((140, 180),)
+    """espeak-ng words per minute."""
+
+
+TRAIN = Style()
+OOD = Style(
+    canvas=((64, 96),),
+    fill=((0.4, 0.5), (0.92, 0.98)),
+    shade=((-0.36, -0.28), (0.28, 0.4)),
+    background=((222, 232),),
+    beep=((0.08, 0.1), (0.34, 0.42)),
+    gap=((0.08, 0.1), (0.34, 0.45)),
+    amplitude=((0.08, 0.12), (0.65, 0.8)),
+    noise=((0.02, 0.03),),
+    tail=((1.1, 1.5),),
+    speed=((110, 130), (190, 210)),
+)
+STYLES = {"train": TRAIN, "ood": OOD}
+
+
+def draw(rng: random.Random, ranges: tuple) -> float:
+    low, high = rng.choice(ranges)
+    return rng.uniform(low, high)
+
+
+def shade(base: tuple, t: float, rng: random.Random) -> tuple:
+    """``base`` moved toward white (t > 0) or black (t < 0), plus a little per-channel jitter."""
+    target = 255 if t > 0 else 0
+    return tuple(int(min(255, max(0, c + abs(t) * (target - c) + rng.randint(-8, 8)))) for c in base)
+
+
+def draw_image(facts: dict, rng: random.Random, style: Style = TRAIN) -> bytes:
+    """``count`` filled shapes, one per quadrant cell, on a light background; PNG bytes."""
+    size = int(draw(rng, style.canvas))
+    grey = int(draw(rng, style.background))
+    img = Image.new("RGB", (size, size), (grey, grey, grey))
+    paint = ImageDraw.Draw(img)
+    cell = size / 2
+    colour = shade(COLOURS[facts["colour"]], draw(rng, style.shade), rng)
     for q in rng.sample(range(4), facts["count"]):
-        s = rng.randint(cell - 5, cell - 3)  # 11-13 px in a 16 px cell: clearly visible
-        x0 = (q % 2) * cell + rng.randint(1, cell - s - 1)
-        y0 = (q // 2) * cell + rng.randint(1, cell - s - 1)
+        s = max(4.0, draw(rng, style.fill) * cell)
+        x0 = (q % 2) * cell + rng.uniform(0, cell - s)
+        y0 = (q // 2) * cell + rng.uniform(0, cell - s)
         box = (x0, y0, x0 + s, y0 + s)
         if facts["shape"] == "circle":
-            draw.ellipse(box, fill=colour)
+            paint.ellipse(box, fill=colour)
         elif facts["shape"] == "square":
-            draw.rectangle(box, fill=colour)
+            paint.rectangle(box, fill=colour)
         else:
-            draw.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=colour)
+            paint.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=colour)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def make_beeps(facts: dict, rng: random.Random) -> bytes:
-    """``count`` beeps of 0.2 s, 0.2 s apart, at a pitch in the fact's range; 1-2 s WAV, 16 kHz."""
-    on, gap = 0.2, 0.2
-    need = facts["count"] * on + (facts["count"] - 1) * gap
-    seconds = max(round(rng.uniform(1.0, 2.0), 1), round(need + 0.3, 1))
-    start = rng.uniform(0.05, seconds - need - 0.1)
+def make_beeps(facts: dict, rng: random.Random, style: Style = TRAIN) -> bytes:
+    """``count`` beeps at a pitch inside the fact's range, each beep and gap its own length; WAV, 16 kHz."""
+    n = facts["count"]
+    ons = [draw(rng, style.beep) for _ in range(n)]
+    gaps = [draw(rng, style.gap) for _ in range(n - 1)]
+    need = sum(ons) + sum(gaps)
+    tail = draw(rng, style.tail)
+    start = 0.05 + rng.uniform(0.0, tail - 0.1)
+    seconds = need + tail
     hz = rng.uniform(*PITCHES[facts["pitch"]])
-    amp = rng.uniform(0.3, 0.5)
     nrng = np.random.default_rng(rng.getrandbits(32))
-    wave = nrng.normal(0.0, 0.003, int(seconds * SAMPLE_RATE)).astype(np.float32)
-    t = np.arange(int(on * SAMPLE_RATE)) / SAMPLE_RATE
-    fade = np.minimum(1.0, np.minimum(t, on - t) / 0.01)  # 10 ms ramps: no clicks
-    beep = (amp * fade * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-    for k in range(facts["count"]):
-        i = int((start + k * (on + gap)) * SAMPLE_RATE)
-        wave[i : i + len(beep)] += beep
+    wave = nrng.normal(0.0, draw(rng, style.noise), int(seconds * SAMPLE_RATE)).astype(np.float32)
+    at = start
+    for k in range(n):
+        on, amp = ons[k], draw(rng, style.amplitude)
+        t = np.arange(int(on * SAMPLE_RATE)) / SAMPLE_RATE
+        fade = np.minimum(1.0, np.minimum(t, on - t) / 0.01)  # 10 ms ramps: no clicks
+        i = int(at * SAMPLE_RATE)
+        wave[i : i + len(t)] += (amp * fade * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+        at += on + (gaps[k] if k < n - 1 else 0.0)
     buf = io.BytesIO()
-    sf.write(buf, wave, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    sf.write(buf, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="WAV", subtype="PCM_16")
     return buf.getvalue()
 
 
@@ -109,20 +178,22 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def make_item(seed: int, kind: str, index: int) -> tuple[bytes, dict, str]:
-    """(bytes, facts, file extension) of one item."""
-    rng, facts = rng_for(seed, kind, index), facts_for(seed, kind, index)
+def make_item(seed: int, kind: str, index: int, style: str = "train") -> tuple[bytes, dict, str]:
+    """(bytes, facts, file extension) of one item. An ``ood`` item has the facts of the ``train``
+    item with the same index, drawn with :data:`OOD`'s parameters (its own RNG)."""
+    rng = rng_for(seed, kind if style == "train" else f"{kind}-{style}", index)
+    facts, look = facts_for(seed, kind, index), STYLES[style]
     if kind == IMAGE:
-        return draw_image(facts, rng), facts, "png"
+        return draw_image(facts, rng, look), facts, "png"
     if kind == AUDIO:
-        return make_beeps(facts, rng), facts, "wav"
+        return make_beeps(facts, rng, look), facts, "wav"
     return speak(facts, rng), facts, "wav"
 
 
 class MakeMedia:
-    """(kind, index) rows -> files under ``<root>/media/`` + manifest rows with facts."""
+    """(kind, index, style) rows -> files under ``<root>/media/`` + manifest rows with facts."""
 
-    NEEDS = ("kind", "index")
+    NEEDS = ("kind", "index", "style")
 
     def __init__(self, root: str, storage: StorageConfig, seed: int):
         self.fs, self.root = storage.filesystem(root)
@@ -131,10 +202,13 @@ class MakeMedia:
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, self.NEEDS, type(self).__name__)
         rows = []
-        for kind, index in zip(batch["kind"].to_pylist(), batch["index"].to_pylist()):
-            data, facts, ext = make_item(self.seed, kind, index)
-            rel = f"media/{kind}/{index:06d}.{ext}"
+        cols = (batch[c].to_pylist() for c in self.NEEDS)
+        for kind, index, style in zip(*cols):
+            data, facts, ext = make_item(self.seed, kind, index, style)
+            folder = kind if style == "train" else f"{kind}-{style}"
+            rel = f"media/{folder}/{index:06d}.{ext}"
             self.fs.pipe_file(join(self.root, rel), data)
             modality = IMAGE if kind == IMAGE else AUDIO
-            rows.append(dict(uri=rel, modality=modality, kind=kind, index=index, media_id=media_id(data), facts=json.dumps(facts)))
+            rows.append(dict(uri=rel, modality=modality, kind=kind, index=index, style=style, media_id=media_id(data),
+                             facts=json.dumps(facts)))
         return pa.Table.from_pylist(rows, schema=MANIFEST_ROW)

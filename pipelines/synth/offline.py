@@ -5,7 +5,8 @@ Ray splits the work, and 100k dialogues are a few seconds of pure Python spread 
 Its kind cycles through the five kinds and its language alternates every five dialogues, so any
 run of 10 consecutive eval dialogues holds every kind in both languages. The first ``eval_fraction``
 of dialogues are ``eval`` and use only eval media; media are split by index before any dialogue
-is made, so no eval item ever appears in a train dialogue. A ``recall_rate`` share of train
+is made, so no eval item ever appears in a train dialogue. Each eval dialogue has an ``eval_ood``
+twin: the same turns about twin media with the same facts, rendered outside the training ranges. A ``recall_rate`` share of train
 dialogues are recall drills (see :class:`DialogueConfig`); the eval split never has any.
 """
 
@@ -65,15 +66,29 @@ class OfflineDialogues:
 
     NEEDS = ("index",)
 
-    def __init__(self, pools: dict, cfg: DialogueConfig, seed: int):
-        """``pools[split][kind]`` is a list of ``(media_id, facts)``; kind is image/audio/speech."""
-        self.pools, self.cfg, self.seed = pools, cfg, seed
+    def __init__(self, pools: dict, cfg: DialogueConfig, seed: int, twins: dict[str, str] | None = None):
+        """``pools[split][kind]`` is a list of ``(media_id, facts)``; kind is image/audio/speech.
+        ``twins`` maps an eval media id to its eval_ood twin (same facts, other rendering)."""
+        self.pools, self.cfg, self.seed, self.twins = pools, cfg, seed, twins or {}
         self.n_eval = num_eval(cfg.num_dialogues, cfg.eval_fraction)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, self.NEEDS, type(self).__name__)
-        rows = [self.dialogue(i) for i in batch["index"].to_pylist()]
+        rows = []
+        for i in batch["index"].to_pylist():
+            rows.append(self.dialogue(i))
+            if rows[-1]["split"] == "eval" and self.twins:
+                rows.append(self.twin(rows[-1]))
         return pa.Table.from_pylist(rows, schema=DIALOGUES)
+
+    def twin(self, row: dict) -> dict:
+        """The eval_ood copy of an eval dialogue: the same questions and answers about media with
+        the same facts, rendered outside the training ranges."""
+        missing = [m for m in row["media_ids"] if m not in self.twins]
+        if missing:
+            raise ValueError(f"{row['dialogue_id']}: no eval_ood twin for media {missing}")
+        ids = [self.twins[m] for m in row["media_ids"]]
+        return dict(row, dialogue_id=row["dialogue_id"] + "-ood", media_ids=ids, split="eval_ood")
 
     def dialogue(self, index: int) -> dict:
         rng = random.Random(f"{self.seed}:dialogue:{index}")
@@ -180,9 +195,16 @@ class OfflineDialogues:
         return Q.attribute(item, lang, rng)
 
 
+def twins_from_manifest(rows: list[dict]) -> dict[str, str]:
+    """eval media id -> the eval_ood media id with the same kind and index (hence the same facts)."""
+    ood = {(r["kind"], r["index"]): r["media_id"] for r in rows if r["split"] == "eval_ood"}
+    return {r["media_id"]: ood[(r["kind"], r["index"])] for r in rows
+            if r["split"] == "eval" and (r["kind"], r["index"]) in ood}
+
+
 def pools_from_manifest(rows: list[dict]) -> dict:
     """``pools[split][kind] = [(media_id, facts), ...]`` from MakeMedia's manifest rows (+ split)."""
-    pools: dict = {"train": {}, "eval": {}}
+    pools: dict = {"train": {}, "eval": {}, "eval_ood": {}}
     for r in sorted(rows, key=lambda r: (r["kind"], r["index"])):
         pools[r["split"]].setdefault(r["kind"], []).append((r["media_id"], json.loads(r["facts"])))
     return pools

@@ -1,0 +1,228 @@
+"""Instruction-data formats people already have -> one normal form: messages with empty media
+spans (``<image></image>``, ``<audio></audio>``) and the media references in order of appearance.
+
+Formats (one record each; a file is a JSON array or JSONL):
+
+- ``llava``: ``{"id", "image": path | [paths], "audio": path | [paths], "conversations": [{"from":
+  "human" | "gpt", "value": "<image>\\nWhat is ..."}]}``. ``<image>`` / ``<audio>`` placeholders
+  stand where the items go; the n-th ``<image>`` is the n-th image path, the n-th ``<audio>`` the
+  n-th audio path (items are numbered in order of appearance across the whole conversation).
+- ``sharegpt``: the same placeholders; turns under ``conversations`` (``from``/``value``) or
+  ``messages`` (``role``/``content``), media under ``images`` / ``audios`` (or ``image`` /
+  ``audio``), an optional ``system`` string.
+- ``openai``: ``{"messages": [{"role", "content": str | [parts]}]}``, parts ``text``,
+  ``image_url`` (``url``: a path, ``file://`` path, ``s3://`` uri or a ``data:`` URL),
+  ``input_audio`` (``data`` base64 + ``format``, or ``path``/``url``), and ``image`` / ``audio``
+  parts naming a path.
+- ``mmm``: the project's own: ``{"messages": [{"role", "content"}], "media": [paths]}`` with empty
+  spans already in the text; ``kind``, ``lang`` and ``split`` are kept when present.
+
+A record may carry ``lang`` (en | ms) and ``split``; otherwise the job's defaults apply. Every
+problem is a :class:`RecordError` with a reason that names it; the job writes it to the errors table.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+
+from mmm.schema import AUDIO, IMAGE
+
+FORMATS = ("llava", "sharegpt", "openai", "mmm")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system"}
+_PLACEHOLDER = re.compile(r"<(image|audio)>(?!</\1>)")
+_SPAN = re.compile(r"<(image|audio)></\1>")
+_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
+
+
+class RecordError(ValueError):
+    """A record that cannot become a dialogue; the message is the reason the errors table keeps."""
+
+
+@dataclass
+class MediaRef:
+    modality: str
+    path: str | None = None
+    """A path or uri, resolved later against the media root."""
+    data: bytes | None = None
+    """Inline bytes (a data: URL or base64 audio)."""
+    ext: str = ""
+
+
+@dataclass
+class Record:
+    messages: list[dict]
+    media: list[MediaRef] = field(default_factory=list)
+    id: str | None = None
+    lang: str | None = None
+    split: str | None = None
+    kind: str | None = None
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _turns(rec: dict, keys: tuple[str, ...]) -> list:
+    for k in keys:
+        if k in rec:
+            if not isinstance(rec[k], list) or not rec[k]:
+                raise RecordError(f"{k!r} is empty or not a list")
+            return rec[k]
+    raise RecordError(f"no turns: expected one of {list(keys)}")
+
+
+def _role(turn: dict, i: int) -> str:
+    raw = turn.get("from", turn.get("role"))
+    if raw not in ROLES:
+        raise RecordError(f"turn {i}: unknown role {raw!r} (expected one of {sorted(ROLES)})")
+    return ROLES[raw]
+
+
+def check_turns(messages: list[dict]) -> None:
+    """Optional system first, then user/assistant alternating from a user turn, no empty turn,
+    at least one assistant answer (the only tokens training learns from)."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, m in enumerate(messages):
+        text = _SPAN.sub("", m["content"]).strip()
+        if not text and not _SPAN.search(m["content"]):
+            raise RecordError(f"turn {i} ({m['role']}) is empty")
+        if m["role"] == "assistant" and not text:
+            raise RecordError(f"turn {i} (assistant) is empty")
+    for i, m in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise RecordError(f"turn order: turn {i} is {m['role']!r}, expected {want!r} (user and assistant alternate)")
+    if not any(m["role"] == "assistant" for m in body):
+        raise RecordError("no assistant turn")
+    if any(m["role"] == "system" for m in body):
+        raise RecordError("a system turn after the first")
+
+
+def _placeholders(rec: dict, turns_keys, media_keys: dict) -> Record:
+    messages = []
+    for i, turn in enumerate(_turns(rec, turns_keys)):
+        if not isinstance(turn, dict):
+            raise RecordError(f"turn {i} is not an object")
+        content = turn.get("value", turn.get("content"))
+        if not isinstance(content, str):
+            raise RecordError(f"turn {i}: content is not a string")
+        messages.append({"role": _role(turn, i), "content": _PLACEHOLDER.sub(lambda m: f"<{m.group(1)}></{m.group(1)}>", content)})
+    if isinstance(rec.get("system"), str) and rec["system"].strip():
+        messages.insert(0, {"role": "system", "content": rec["system"]})
+    paths = {m: [p for k in keys for p in _as_list(rec.get(k))] for m, keys in media_keys.items()}
+    return _ordered(messages, paths, rec)
+
+
+def _ordered(messages: list[dict], paths: dict[str, list], rec: dict) -> Record:
+    """Pair the n-th span of each modality with its n-th path; the counts must match."""
+    order = [m.group(1) for msg in messages for m in _SPAN.finditer(msg["content"])]
+    for modality in (IMAGE, AUDIO):
+        n_spans, n_paths = order.count(modality), len(paths.get(modality, []))
+        if n_spans != n_paths:
+            raise RecordError(f"{n_spans} <{modality}> placeholders but {n_paths} {modality} files")
+    taken = {IMAGE: 0, AUDIO: 0}
+    media = []
+    for modality in order:
+        path = paths[modality][taken[modality]]
+        taken[modality] += 1
+        if not isinstance(path, str) or not path:
+            raise RecordError(f"{modality} path {path!r} is not a string")
+        media.append(MediaRef(modality, path=path))
+    return _record(messages, media, rec)
+
+
+def _record(messages: list[dict], media: list[MediaRef], rec: dict) -> Record:
+    check_turns(messages)
+    rid = rec.get("id")
+    return Record(messages, media, id=None if rid is None else str(rid), lang=rec.get("lang"), split=rec.get("split"),
+                  kind=rec.get("kind"))
+
+
+def llava(rec: dict) -> Record:
+    return _placeholders(rec, ("conversations",), {IMAGE: ("image",), AUDIO: ("audio",)})
+
+
+def sharegpt(rec: dict) -> Record:
+    return _placeholders(rec, ("conversations", "messages"), {IMAGE: ("images", "image"), AUDIO: ("audios", "audio")})
+
+
+def mmm(rec: dict) -> Record:
+    messages = []
+    for i, turn in enumerate(_turns(rec, ("messages",))):
+        if not isinstance(turn.get("content"), str):
+            raise RecordError(f"turn {i}: content is not a string")
+        messages.append({"role": _role(turn, i), "content": turn["content"]})
+    order = [m.group(1) for msg in messages for m in _SPAN.finditer(msg["content"])]
+    paths = _as_list(rec.get("media"))
+    if len(order) != len(paths):
+        raise RecordError(f"{len(order)} media spans but {len(paths)} media paths")
+    return _ordered(messages, {m: [p for o, p in zip(order, paths) if o == m] for m in (IMAGE, AUDIO)}, rec)
+
+
+def _openai_part(part, i: int, j: int) -> tuple[str, MediaRef | None]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        return str(part.get("text", "")), None
+    if kind == "image_url":
+        url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+        return "<image></image>", _from_url(IMAGE, url, i, j)
+    if kind == "input_audio":
+        spec = part.get("input_audio") or {}
+        if spec.get("data"):
+            try:
+                return "<audio></audio>", MediaRef(AUDIO, data=base64.b64decode(spec["data"], validate=True), ext=spec.get("format", "wav"))
+            except ValueError:
+                raise RecordError(f"turn {i} part {j}: input_audio data is not base64") from None
+        return "<audio></audio>", _from_url(AUDIO, spec.get("path") or spec.get("url"), i, j)
+    if kind in (IMAGE, AUDIO):
+        return f"<{kind}></{kind}>", _from_url(kind, part.get(kind) or part.get("path") or part.get("url"), i, j)
+    raise RecordError(f"turn {i} part {j}: unknown part type {kind!r}")
+
+
+def _from_url(modality: str, url, i: int, j: int) -> MediaRef:
+    if not isinstance(url, str) or not url:
+        raise RecordError(f"turn {i} part {j}: {modality} part has no url or path")
+    found = _DATA_URL.match(url)
+    if found:
+        try:
+            return MediaRef(modality, data=base64.b64decode(found.group(2), validate=True), ext=found.group(1).split("/")[-1])
+        except ValueError:
+            raise RecordError(f"turn {i} part {j}: data URL is not base64") from None
+    if url.startswith(("http://", "https://")):
+        raise RecordError(f"turn {i} part {j}: remote URL {url!r} (download it and give a path or data: URL)")
+    return MediaRef(modality, path=url[len("file://") :] if url.startswith("file://") else url)
+
+
+def openai(rec: dict) -> Record:
+    messages, media = [], []
+    for i, turn in enumerate(_turns(rec, ("messages",))):
+        if not isinstance(turn, dict):
+            raise RecordError(f"turn {i} is not an object")
+        role, content = _role(turn, i), turn.get("content")
+        if isinstance(content, list):
+            pieces = [_openai_part(p, i, j) for j, p in enumerate(content)]
+            content = "".join(t for t, _ in pieces)
+            media += [m for _, m in pieces if m is not None]
+        if not isinstance(content, str):
+            raise RecordError(f"turn {i}: content is neither a string nor a list of parts")
+        if _PLACEHOLDER.search(content):
+            raise RecordError(f"turn {i}: a bare <image>/<audio> placeholder in text; openai records carry media as parts")
+        messages.append({"role": role, "content": content})
+    spans = sum(len(_SPAN.findall(m["content"])) for m in messages)
+    if spans != len(media):
+        raise RecordError(f"{spans} media spans in the text but {len(media)} media parts")
+    return _record(messages, media, rec)
+
+
+PARSERS = {"llava": llava, "sharegpt": sharegpt, "openai": openai, "mmm": mmm}
+
+
+def parse_record(fmt: str, rec) -> Record:
+    if not isinstance(rec, dict):
+        raise RecordError(f"a record is a JSON object, got {type(rec).__name__}")
+    return PARSERS[fmt](rec)

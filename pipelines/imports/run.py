@@ -1,0 +1,290 @@
+"""Import dialogues people already have (LLaVA, ShareGPT, OpenAI messages, the project's own).
+
+One pass, Ray Data stages as classes::
+
+    records -> ParseRecords (format -> messages with empty spans + media refs; inline bytes into
+               <out>/media/imported/) -> unique media uris -> [ReadBytes -> Decode] (ingest's own
+               stages: read, sha256, full decode = the validation) -> driver: join -> write
+
+Under ``out`` (local or s3://) it writes, for a source file NAME:
+
+    dialogues/part-import-NAME.parquet   DIALOGUES rows (media_ids = sha256 of the bytes)
+    import_errors/NAME.parquet           ERRORS rows: uri = "FILE#row N", stage (parse | read |
+                                         decode), reason
+    import_manifest.parquet              uri + modality of every imported item (the union over
+                                         imports): the input of ``jobs/features.py``
+
+File names depend only on the source, so a rerun replaces its own outputs: idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from mmm.config import preset
+from mmm.media import MediaLimits, media_id
+from mmm.schema import AUDIO, DIALOGUES, ERRORS, IMAGE
+
+from ..ingest import Decode, ReadBytes
+from ..runtime import Chain, PoolConfig, RayConfig, require
+from ..storage import StorageConfig, is_remote, join, read_parquet, write_parquet_atomic
+from .formats import FORMATS, RecordError, parse_record
+
+MANIFEST = "import_manifest.parquet"
+PARSED = pa.schema([("row", pa.int64()), ("record", pa.string()), ("error", pa.string())])
+
+
+@dataclass
+class ImportConfig:
+    source: str = ""
+    """A JSON array or JSONL file (local or s3://) of dialogue records."""
+    format: str = "llava"
+    """llava | sharegpt | openai | mmm (see pipelines/imports/formats.py)."""
+    media_root: str = ""
+    """Folder or s3:// prefix relative media paths resolve against; default: the source's folder."""
+    out: str = "outputs/imported"
+    """Data root for dialogues/, import_errors/, import_manifest.parquet (then features/ via jobs/features.py)."""
+    name: str = ""
+    """Name of this import's output files; default: the source file's stem."""
+    lang: str = "en"
+    """Language of records that do not say (``lang`` field)."""
+    split: str = "train"
+    """Split of records that do not say (``split`` field)."""
+    preset: str = "tiny"
+    """Preset whose image processor Decode uses (the validation resizes as the features job will)."""
+    parse: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=256, num_cpus=0.25))
+    ingest: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=64, num_cpus=0.25))
+    """Read + hash + decode, ingest's stages chained in one light actor."""
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("import needs source=FILE (a JSON array or JSONL of dialogue records)")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {list(FORMATS)}, got {self.format!r}")
+
+
+def read_records(cfg: ImportConfig) -> tuple[list[tuple[int, str]], list[dict]]:
+    """(row, record JSON) pairs and the rows that are not JSON. A file starting with ``[`` is a
+    JSON array, anything else JSONL (blank lines skipped); rows count from 1."""
+    fs, path = cfg.storage.filesystem(cfg.source)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"source {cfg.source} does not exist")
+    with fs.open(path, "rb") as f:
+        text = f.read().decode("utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg.source} starts with '[' but is not a valid JSON array: {e}") from None
+        return [(i, json.dumps(r)) for i, r in enumerate(items, start=1)], []
+    good, bad = [], []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            good.append((i, line))
+        except json.JSONDecodeError as e:
+            bad.append({"row": i, "stage": "parse", "reason": f"not JSON: {e}"})
+    return good, bad
+
+
+class ParseRecords:
+    """(row, text) -> (row, record, error): the normal form as JSON (messages, media uris, lang,
+    split, kind, id), or the reason. Inline media (data: URLs, base64 audio) are written to
+    ``<out>/media/imported/<sha256>.<ext>`` and referred to by that uri."""
+
+    NEEDS = ("row", "text")
+
+    def __init__(self, fmt: str, media_root: str, out: str, storage: StorageConfig):
+        self.fmt, self.media_root, self.out, self.storage = fmt, media_root, out, storage
+        self.fs = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require(batch, self.NEEDS, type(self).__name__)
+        rows, records, errors = batch["row"].to_pylist(), [], []
+        for text in batch["text"].to_pylist():
+            try:
+                records.append(json.dumps(self._parse(json.loads(text))))
+                errors.append(None)
+            except RecordError as e:
+                records.append(None)
+                errors.append(str(e))
+        return pa.table({"row": rows, "record": records, "error": errors}, schema=PARSED)
+
+    def _parse(self, raw) -> dict:
+        rec = parse_record(self.fmt, raw)
+        media = [{"modality": m.modality, "uri": self._uri(m)} for m in rec.media]
+        return {"id": rec.id, "messages": rec.messages, "media": media, "lang": rec.lang, "split": rec.split,
+                "kind": rec.kind}
+
+    def _uri(self, ref) -> str:
+        if ref.data is not None:
+            if self.fs is None:
+                self.fs, _ = self.storage.filesystem(self.out)
+            ext = {"jpeg": "jpg", "x-wav": "wav", "mpeg": "mp3"}.get(ref.ext.lower(), ref.ext.lower()) or "bin"
+            uri = join(self.out, "media", "imported", f"{media_id(ref.data)}.{ext}")
+            self.fs.pipe_file(self.storage.filesystem(uri)[1], ref.data)
+            return uri
+        return resolve(ref.path, self.media_root)
+
+
+def resolve(path: str, root: str) -> str:
+    """A media path against the media root: absolute paths and uris stay as they are."""
+    if is_remote(path) or path.startswith("/"):
+        return path
+    return join(root, path) if is_remote(root) else posixpath.normpath(join(root, path))
+
+
+def kind_of(modalities: list[str]) -> str:
+    """The dialogue kinds of the schema, from what a conversation shows; "text" when nothing."""
+    images, audio = modalities.count(IMAGE), modalities.count(AUDIO)
+    if images and audio:
+        return "image_audio"
+    if images:
+        return "visual_context" if images == 1 else "multi_image"
+    if audio:
+        return "audio_instruction" if audio == 1 else "multi_audio"
+    return "text"
+
+
+def import_name(cfg: ImportConfig) -> str:
+    stem = cfg.name or posixpath.basename(cfg.source.rstrip("/")).split(".")[0] or "import"
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
+
+
+def parse_all(cfg: ImportConfig, records: list[tuple[int, str]]) -> list[dict]:
+    import ray
+
+    step = max(1, cfg.parse.batch_size or 256)
+    blocks = [pa.table({"row": [r for r, _ in records[i : i + step]], "text": [t for _, t in records[i : i + step]]})
+              for i in range(0, len(records), step)] or [pa.table({"row": pa.array([], pa.int64()), "text": pa.array([], pa.string())})]
+    kwargs = {"fmt": cfg.format, "media_root": media_root(cfg), "out": cfg.out, "storage": cfg.storage}
+    ds = ray.data.from_arrow(blocks).map_batches(ParseRecords, fn_constructor_kwargs=kwargs, batch_format="pyarrow",
+                                                 **cfg.parse.options())
+    return sorted(ds.take_all(), key=lambda r: r["row"])
+
+
+def check_media(cfg: ImportConfig, refs: dict[str, str]) -> dict[str, dict]:
+    """uri -> ingest's result (media_id, modality, error, stage) for every referenced item."""
+    import ray
+
+    if not refs:
+        return {}
+    uris = sorted(refs)
+    step = max(1, min(cfg.ingest.batch_size or 64, -(-len(uris) // 2)))
+    blocks = [pa.table({"uri": uris[i : i + step], "modality": [refs[u] for u in uris[i : i + step]]})
+              for i in range(0, len(uris), step)]
+    stages = [(ReadBytes, {"storage": cfg.storage}), (Decode, {"limits": cfg.limits, "model": preset(cfg.preset)})]
+    ds = ray.data.from_arrow(blocks).map_batches(Chain, fn_constructor_kwargs={"stages": stages}, batch_format="pyarrow",
+                                                 **cfg.ingest.options())
+    cols = ("uri", "modality", "media_id", "error", "stage")
+    out = {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.select(list(cols)).to_pylist():
+            out[row["uri"]] = row
+    return out
+
+
+def media_root(cfg: ImportConfig) -> str:
+    return cfg.media_root or posixpath.dirname(cfg.source) or "."
+
+
+def assemble(cfg: ImportConfig, name: str, parsed: list[dict], media: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """DIALOGUES rows for the records whose media all read and decode; an error row for the rest."""
+    dialogues, errors, seen = [], [], set()
+    for p in parsed:
+        if p["error"]:
+            errors.append({"row": p["row"], "stage": "parse", "reason": p["error"]})
+            continue
+        rec = json.loads(p["record"])
+        did = f"{name}-{rec['id']}" if rec["id"] is not None else f"{name}-{p['row']:07d}"
+        bad = _media_problem(rec["media"], media)
+        if did in seen:
+            bad = ("parse", f"duplicate id {rec['id']!r}")
+        if bad:
+            errors.append({"row": p["row"], "stage": bad[0], "reason": bad[1]})
+            continue
+        seen.add(did)
+        dialogues.append({
+            "dialogue_id": did, "kind": rec["kind"] or kind_of([m["modality"] for m in rec["media"]]),
+            "lang": rec["lang"] or cfg.lang, "media_ids": [media[m["uri"]]["media_id"] for m in rec["media"]],
+            "messages": rec["messages"], "split": rec["split"] or cfg.split, "source": f"import:{cfg.format}:{name}",
+        })
+    return dialogues, errors
+
+
+def _media_problem(refs: list[dict], media: dict[str, dict]) -> tuple[str, str] | None:
+    for ref in refs:
+        got = media[ref["uri"]]
+        if got["error"]:
+            what = "missing or unreadable file" if got["stage"] == "read" else "corrupt media"
+            return got["stage"], f"{what} {ref['uri']}: {got['error']}"
+        if got["modality"] != ref["modality"]:
+            return "decode", f"{ref['uri']} is {got['modality']}, used as {ref['modality']}"
+    return None
+
+
+def write_outputs(cfg: ImportConfig, name: str, dialogues: list[dict], errors: list[dict], media: dict[str, dict]) -> None:
+    fs, root = cfg.storage.filesystem(cfg.out)
+    write_parquet_atomic(fs, pa.Table.from_pylist(dialogues, schema=DIALOGUES), join(root, "dialogues", f"part-import-{name}.parquet"))
+    base = posixpath.basename(cfg.source)
+    rows = [{"uri": f"{base}#row {e['row']}", "stage": e["stage"], "reason": e["reason"], "media_id": None} for e in errors]
+    write_parquet_atomic(fs, pa.Table.from_pylist(rows, schema=ERRORS), join(root, "import_errors", f"{name}.parquet"))
+    used = {m for d in dialogues for m in d["media_ids"]}
+    items = {r["uri"]: r["modality"] for r in media.values() if r["media_id"] in used}
+    old = read_parquet(fs, join(root, MANIFEST))
+    for r in old.to_pylist() if old is not None else []:
+        items.setdefault(r["uri"], r["modality"])
+    table = pa.table({"uri": sorted(items), "modality": [items[u] for u in sorted(items)]},
+                     schema=pa.schema([("uri", pa.string()), ("modality", pa.string())]))
+    write_parquet_atomic(fs, table, join(root, MANIFEST))
+
+
+def reason_class(reason: str) -> str:
+    """A short name for counting errors by reason."""
+    for key, words in (("missing_file", "missing or unreadable"), ("corrupt_media", "corrupt media"),
+                       ("placeholder_count", "placeholders but"), ("span_count", "spans"),
+                       ("unknown_role", "unknown role"), ("empty_turn", "is empty"), ("turn_order", "turn order"),
+                       ("no_answer", "no assistant turn"), ("not_json", "not JSON"), ("remote_url", "remote URL"),
+                       ("duplicate_id", "duplicate id"), ("modality", ", used as ")):
+        if words in reason:
+            return key
+    return "other"
+
+
+def run_import(cfg: ImportConfig) -> dict:
+    start = time.time()
+    name = import_name(cfg)
+    records, unreadable = read_records(cfg)
+    parsed = parse_all(cfg, records) + [{"row": e["row"], "record": None, "error": e["reason"]} for e in unreadable]
+    parsed.sort(key=lambda p: p["row"])
+    refs = {}
+    for p in parsed:
+        for m in json.loads(p["record"])["media"] if p["record"] else []:
+            refs.setdefault(m["uri"], m["modality"])
+    media = check_media(cfg, refs)
+    dialogues, errors = assemble(cfg, name, parsed, media)
+    write_outputs(cfg, name, dialogues, errors, media)
+    good = {m for d in dialogues for m in d["media_ids"]}
+    return {
+        "dialogues": len(dialogues),
+        "media": len(good),
+        "errors": len(errors),
+        "errors_by_reason": dict(sorted(Counter(reason_class(e["reason"]) for e in errors).items())),
+        "by_kind": dict(sorted(Counter(d["kind"] for d in dialogues).items())),
+        "records": len(parsed),
+        "out": cfg.out,
+        "next": f"python jobs/features.py source={join(cfg.out, MANIFEST)} out={cfg.out}",
+        "seconds": round(time.time() - start, 1),
+    }
