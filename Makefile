@@ -13,7 +13,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo ui clean
+.PHONY: install test demo demo-real ui clean
 
 install: $(STAMP)
 
@@ -34,7 +34,12 @@ test: $(UI_STAMP)
 
 # One line per step; every job's full output is in outputs/demo/logs/. VERBOSE=1 prints it all.
 demo: $(STAMP)
-	$(PY) -u jobs/demo.py $(if $(VERBOSE),--verbose,)
+	$(PY) -u jobs/demo.py
+
+# The same chain on real pretrained weights (Whisper-base + SmolLM2-135M, materialised from registry
+# packages) with spoken English and Malay: needs espeak-ng and alsa-utils (apt-get install).
+demo-real: $(STAMP)
+	$(PY) -u jobs/demo.py --preset small-real $(if $(VERBOSE),--verbose,)
 
 # The web chat on http://127.0.0.1:7860 for a running `serve run serve.app:mmm`
 # (MMM_API_BASE=http://HOST:PORT/v1 and MMM_API_KEY point it elsewhere).
@@ -42,4 +47,4 @@ ui: $(UI_STAMP)
 	$(PY) ui/app.py
 
 clean:
-	rm -rf outputs/demo
+	rm -rf outputs/demo outputs/demo-real

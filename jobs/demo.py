@@ -1,7 +1,8 @@
-"""The whole chain on the tiny preset, on one machine: ``make demo``.
+"""The whole chain on one machine: ``make demo`` (tiny preset) and ``make demo-real`` (small-real).
 
 Usage:
     python jobs/demo.py                 # reuse whatever earlier runs finished
+    python jobs/demo.py --preset small-real   # real Whisper-base + SmolLM2-135M: outputs/demo-real
     python jobs/demo.py --fresh         # start over (removes outputs/demo)
     python jobs/demo.py --until evaluate   # stop before serving
     python jobs/demo.py --verbose       # every job's full output on the terminal too
@@ -9,8 +10,12 @@ Usage:
 Starts its own local Ray (``ray start --head`` on 127.0.0.1, stopped by PID at the end) and runs
 each job as a user would on a cluster, with ``RAY_ADDRESS`` pointing at it:
 
-    synthesize -> features -> pretrain (stage 1) -> finetune (stage 2) -> evaluate
+    [weights] -> synthesize -> features -> pretrain (stage 1) -> finetune (stage 2) -> evaluate
     -> serve (``serve run serve.app:build``) and a 3-turn chat through the OpenAI API
+
+The small-real preset first materialises its real weights (jobs/weights.py, cached), speaks
+phrases in English and Malay with espeak-ng besides the shapes and beeps, trains stage 2 with
+LoRA, reports transcription (eval.json's ``speech``) and chats about a real alsa-utils recording.
 
 A step whose output is already complete is skipped, so a rerun resumes where the last one
 stopped. Everything lands under ``outputs/demo/``: ``data/`` (media, features, dialogues),
@@ -47,20 +52,44 @@ class Step:
     argv: list[str]
 
 
-def steps(out: Path) -> list[Step]:
+@dataclass(frozen=True)
+class Demo:
+    """What differs between the demos of two presets."""
+
+    preset: str
+    out: str
+    synthesize: tuple[str, ...] = ()
+    """The synthesizer's key=value settings beyond its defaults."""
+    weights: bool = False
+    """Materialise the preset's real weights first (jobs/weights.py)."""
+
+
+DEMOS = {
+    "tiny": Demo("tiny", "outputs/demo"),
+    # 2400 spoken phrases (1200 a language, one in eight held out) carry the transcription; fewer
+    # shapes and beeps keep the other kinds in training (docs/LEARNING.md, "small-real")
+    "small-real": Demo("small-real", "outputs/demo-real", weights=True, synthesize=(
+        "offline.speech=true", "offline.num_speech=2400", "offline.num_images=300", "offline.num_audio=200",
+        "dialogues.num_dialogues=4000", "dialogues.speech_rate=0.5")),
+}
+
+
+def steps(out: Path, demo: Demo = DEMOS["tiny"]) -> list[Step]:
     data = out / "data"
-    return [
-        Step("synthesize", "data/dialogues", ["jobs/synthesize.py", f"out={data}"]),
+    model = [] if demo.preset == "tiny" else [f"model.preset={demo.preset}"]
+    return [Step("weights", None, ["jobs/weights.py", demo.preset])] * demo.weights + [
+        Step("synthesize", "data/dialogues", ["jobs/synthesize.py", f"out={data}", *demo.synthesize]),
         Step("features", None,  # skips media already in the feature store
-             ["jobs/features.py", f"source={data}/manifest.parquet", f"out={data}"]),
+             ["jobs/features.py", f"source={data}/manifest.parquet", f"out={data}", *model]),
         Step("pretrain", "stage1/final/mmm.json",
              ["jobs/pretrain.py", "--data", str(data), f"run.output_dir={out}/stage1",
-              f"run.storage_path={out}/ray_results", "run.name=demo-stage1"]),
+              f"run.storage_path={out}/ray_results", "run.name=demo-stage1", *model]),
         Step("finetune", "stage2/final/mmm.json",
              ["jobs/finetune.py", "--data", str(data), f"model.init={out}/stage1/final",
               f"run.output_dir={out}/stage2", f"run.storage_path={out}/ray_results", "run.name=demo-stage2"]),
         Step("evaluate", "eval.json",
-             ["jobs/evaluate.py", f"model={out}/stage2/final", f"data={data}", f"out={out}"]),
+             ["jobs/evaluate.py", f"model={out}/stage2/final", f"data={data}", f"out={out}",
+              f"metrics=[{out}/stage1/metrics.jsonl, {out}/stage2/metrics.jsonl]"]),
     ]
 
 
@@ -129,14 +158,39 @@ def chat_turns(data: Path):
     im = [image_part(decode_image(load(r))) for r in images]
     au = [audio_part(decode_audio(load(r))) for r in clips]
     facts = [json.loads(r["facts"]) for r in images + clips]
-    turns = [
-        ["Image 1: ", im[0], "\nImage 2: ", im[1], "\nWhat colour are the shapes in image 1?"],
-        ["Audio 1: ", au[0], "\nAudio 2: ", au[1], "\nHow many beeps are in audio 2?"],
+    turns = [  # bare media parts: the server's chat template numbers them (Image 1, Image 2, ...)
+        [im[0], "\n", im[1], "\nWhat colour are the shapes in image 1?"],
+        [au[0], "\n", au[1], "\nHow many beeps are in audio 2?"],
         ["Berapa banyak bentuk dalam gambar 2?"],
     ]
     # a named item's answer starts with its name (pipelines/synth/questions.py)
     expected = [f"image 1 {facts[0]['colour']}", f"audio 2 {facts[3]['count']}", f"gambar 2 {facts[1]['count']}"]
     return turns, expected
+
+
+def real_chat_turns(data: Path):
+    """small-real: a real human recording (alsa-utils), a held-out spoken Malay phrase and an
+    image, over 3 turns. Returns the turns and the expected answers."""
+    import pyarrow.parquet as pq
+
+    from evaluation.speech import real_recordings
+    from mmm.media import decode_audio, decode_image
+    from serve.demo import audio_part, image_part
+
+    rows = [r for r in pq.read_table(data / "manifest.parquet").to_pylist() if r["split"] == "eval"]
+    phrase = next(r for r in rows if r["kind"] == "speech" and json.loads(r["facts"])["lang"] == "ms"
+                  and json.loads(r["facts"])["group"] == "seen")
+    image = next(r for r in rows if r["kind"] == "image")
+    load = lambda r: (data / r["uri"]).read_bytes()  # noqa: E731
+    recording = next(((p, t) for p, t in real_recordings() if t != "no speech"), None)
+    if recording is None:
+        raise RuntimeError("no real recording found: apt-get install alsa-utils")
+    turns = [
+        [audio_part(decode_audio(recording[0].read_bytes())), "\nWhat is said in the audio?"],
+        [audio_part(decode_audio(load(phrase))), "\nApakah yang disebut dalam audio 2?"],
+        [image_part(decode_image(load(image))), "\nWhat colour are the shapes in the image?"],
+    ]
+    return turns, [recording[1], json.loads(phrase["facts"])["phrase"], json.loads(image["facts"])["colour"]]
 
 
 def accuracy_table(ev: dict) -> str:
@@ -150,11 +204,16 @@ def accuracy_table(ev: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple]) -> Path:
-    lines = ["# MMM demo report (tiny preset)", "", "## Accuracy on held-out media (exact match)", "",
-             accuracy_table(ev), "", f"Eval loss: {ev.get('loss', float('nan')):.3f}", "",
-             "![accuracy](accuracy.png)", "", "## Training loss", "", "![loss](loss.png)", "",
-             "## A conversation through the OpenAI API", ""]
+def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple], preset: str = "tiny") -> Path:
+    lines = [f"# MMM demo report ({preset} preset)", "", "## Accuracy on held-out media (exact match)", "",
+             accuracy_table(ev), "", f"Eval loss: {ev.get('loss', float('nan')):.3f}", ""]
+    if ev.get("speech"):
+        from evaluation.speech import table as speech_table
+
+        lines += ["## Transcription of held-out speech (speech in eval.json)", "", "```", speech_table(ev["speech"]),
+                  "```", ""]
+    lines += ["![accuracy](accuracy.png)", "", "## Training loss", "", "![loss](loss.png)", "",
+              "tensorboard --logdir " + str(out), "", "## A conversation through the OpenAI API", ""]
     for q, a, want in chat:
         lines += [f"- **user:** {q}", f"  **mmm:** {a} (expected: {want})"]
     lines += ["", "## Step timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]
@@ -165,15 +224,17 @@ def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple]) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="outputs/demo")
+    ap.add_argument("--preset", choices=sorted(DEMOS), default="tiny", help="whose demo to run")
+    ap.add_argument("--out", default=None, help="the demo folder (default: outputs/demo, outputs/demo-real)")
     ap.add_argument("--fresh", action="store_true", help="remove the demo folder first")
-    ap.add_argument("--until", choices=[s.name for s in steps(Path("."))] + ["serve"], default="serve")
+    ap.add_argument("--until", choices=[s.name for s in steps(Path("."), DEMOS["small-real"])] + ["serve"], default="serve")
     ap.add_argument("--set", action="append", default=[], metavar="STEP:key=value",
                     help="an override for one step's job, e.g. finetune:train.max_steps=100 (repeatable)")
     ap.add_argument("--verbose", action="store_true", default=verbose_from_env(),
                     help="stream every job's output to the terminal too (also MMM_VERBOSE=1)")
     args = ap.parse_args(argv)
-    out = (REPO / args.out).resolve()
+    demo = DEMOS[args.preset]
+    out = (REPO / (args.out or demo.out)).resolve()
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +250,7 @@ def main(argv=None) -> int:
             cluster.start()  # inside the outer try: a start that times out still leaves daemons to stop
         except RuntimeError as e:
             raise StepFailed(f"the local Ray cluster did not start: {e}") from e
-        for step in with_overrides(steps(out), args.set):
+        for step in with_overrides(steps(out, demo), args.set):
             timings[step.name] = run_step(step, out, env, args.verbose)
             if step.name == args.until:
                 break
@@ -204,7 +265,7 @@ def main(argv=None) -> int:
         from serve.demo import serve_and_chat
 
         t = time.time()
-        turns, expected = chat_turns(out / "data")
+        turns, expected = (chat_turns if demo.preset == "tiny" else real_chat_turns)(out / "data")
         print("\nA 3-turn chat through the OpenAI API (serve run serve.app:build):", flush=True)
         try:
             answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(logs / "serve.log"))
@@ -217,7 +278,11 @@ def main(argv=None) -> int:
         timings["serve + chat"] = time.time() - t
     if ev is not None:
         print("Accuracy on held-out media:\n" + accuracy_table(ev))
-        print(f"\nreport: {_shown(write_report(out, ev, timings, chat))}")
+        if ev.get("speech"):
+            from evaluation.speech import table as speech_table
+
+            print("\nTranscription of held-out speech (1 - WER):\n" + speech_table(ev["speech"]))
+        print(f"\nreport: {_shown(write_report(out, ev, timings, chat, demo.preset))}")
     print(f"demo finished in {time.time() - start:.0f} s")
     return 0
 
