@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .encoders import frames_for
+from .lora import LoraSettings
 from .schema import AUDIO, IMAGE
 
 GiB = 1 << 30
@@ -64,13 +65,14 @@ def param_counts(model) -> dict[str, int]:
 
 
 def trainable_counts(model) -> dict[str, int]:
-    """Trainable parameters of stage 1 (projectors), stage 2 full, and stage 2 with LoRA."""
+    """Trainable parameters of stage 1 (projectors), stage 2 full, and stage 2 with LoRA (default
+    settings, the added tokens' rows included)."""
     out = {}
     for name, llm in (("stage1", False), ("stage2_full", True)):
         model.set_trainable(projectors=True, llm=llm)
         out[name] = count(model, trainable=True)
     try:  # last: LoRA wraps the LM in place
-        model.set_trainable(projectors=True, llm="lora")
+        model.set_trainable(projectors=True, llm=LoraSettings())
         out["stage2_lora"] = count(model, trainable=True)
     except Exception as e:  # peft missing or refusing: the other figures still stand
         out["stage2_lora"] = f"unavailable: {type(e).__name__}: {e}"

@@ -107,6 +107,10 @@ class OptimSection:
     """Optimizer steps between metric lines (loss, lr, tokens/s) from rank 0."""
     checkpoint_every: int = 500
     """Optimizer steps between checkpoints; the last step is always checkpointed."""
+    gradient_checkpointing: bool = False
+    """Recompute each LM layer's activations in the backward pass instead of keeping them: ~1/3 more
+    compute for a fraction of the activation memory (``python jobs/plan.py --gradient-checkpointing``
+    shows what it saves per GPU; Mistral-7B at 8192 tokens needs it on 80 GB cards)."""
 
 
 @dataclass

@@ -51,6 +51,8 @@ class InitCheckpoint:
     path: str
     phase: str
     preset: str
+    max_context: int | None = None
+    """The longest sequence the checkpoint's model accepts (its llm.max_context)."""
 
     @classmethod
     def read(cls, path: str, s3_endpoint: str | None = None) -> "InitCheckpoint":
@@ -62,7 +64,8 @@ class InitCheckpoint:
                 meta = json.loads(f.read())
         except (FileNotFoundError, OSError) as e:
             raise FileNotFoundError(f"model.init {path} is not an MMM checkpoint (no {META}): {e}") from None
-        return cls(path, meta.get("phase"), meta.get("config", {}).get("preset"))
+        config = meta.get("config", {})
+        return cls(path, meta.get("phase"), config.get("preset"), config.get("llm", {}).get("max_context"))
 
     def check_stage2(self) -> None:
         """Stage 2 starts from stage 1's export and nothing else: fail before any worker starts."""
@@ -143,6 +146,8 @@ def build_model(cfg: TrainConfig):
             model.set_trainable(projectors=True, llm=lora_settings(cfg))
         else:
             model.set_trainable(projectors=True, llm=True)
+    if cfg.train.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
@@ -185,7 +190,9 @@ def run(cfg: TrainConfig, resume: bool = False, train_hooks: TrainHooks | None =
     if cfg.stage == "finetune":
         if not cfg.model.init:
             raise CheckpointError("stage 2 (finetune) starts from a stage-1 checkpoint: set model.init=<stage1 output>/final")
-        (init or InitCheckpoint.read(cfg.model.init, cfg.run.s3_endpoint)).check_stage2()
+        init = init or InitCheckpoint.read(cfg.model.init, cfg.run.s3_endpoint)
+        init.check_stage2()
+    check_context(cfg, init.max_context if init else model_config(cfg).llm.max_context)
     started = init_ray(RayConfig(progress=False))
     t0 = time.time()
     try:
@@ -196,6 +203,13 @@ def run(cfg: TrainConfig, resume: bool = False, train_hooks: TrainHooks | None =
 
             ray.shutdown()
     return summary(cfg, result, time.time() - t0)
+
+
+def check_context(cfg: TrainConfig, max_context: int | None) -> None:
+    """Packed rows longer than the model accepts are refused before any worker starts."""
+    if max_context is not None and cfg.train.context_length > max_context:
+        raise ValueError(f"train.context_length {cfg.train.context_length} exceeds the model's llm.max_context "
+                         f"{max_context} (bounded by its LM's positions): lower train.context_length")
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
