@@ -93,7 +93,7 @@ def test_converted_smollm2_answers_a_chat(weights_root):
 
 
 @pytest.mark.real_weights
-def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatch):
+def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatch, tmp_path):
     import librosa
     import torch
     from mmm.config import preset
@@ -125,6 +125,13 @@ def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatc
     answer = tok.decode(model.generate(prompt.input_ids, audio_features=feats, max_new_tokens=8))
     assert answer.strip(), "generates text"
 
+    model.save_pretrained(str(tmp_path / "ckpt"), phase="init")  # what stage 1 starts from
+    again = MMMModel.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert (len(again.tokenizer), again.tokenizer.pad_token) == (len(tok), tok.pad_token)
+    assert again.render(messages, feats).input_ids == r.input_ids
+    reloaded = again(torch.tensor([r.input_ids]), audio_features=feats, labels=torch.tensor([r.labels]))
+    assert torch.allclose(reloaded.loss, out.loss, atol=1e-4)
+
 
 @pytest.mark.real_weights
 def test_second_run_does_nothing(weights_root, capsys):
@@ -139,6 +146,19 @@ def test_second_run_does_nothing(weights_root, capsys):
     assert json.loads(out[-1]) == folders
     assert sum("already complete" in line for line in out) == 2
     assert stamps == {n: (Path(f) / "model.safetensors").stat().st_mtime for n, f in folders.items()}
+
+
+def test_small_real_takes_hub_names_by_override(tmp_path, monkeypatch):
+    from mmm.config import ModelConfig, preset
+    from mmm.config_io import load
+
+    monkeypatch.setenv("MMM_WEIGHTS_DIR", str(tmp_path))
+    base = preset("small-real")
+    assert base.llm.pretrained == str(tmp_path / "smollm2-135m-instruct")
+    hub = load(ModelConfig, base.to_dict(), overrides=[
+        f"audio.pretrained={weights.WEIGHTS['whisper-base'].hub_name}",
+        f"llm.pretrained={weights.WEIGHTS['smollm2-135m-instruct'].hub_name}"])
+    assert (hub.audio.pretrained, hub.llm.pretrained) == ("openai/whisper-base", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_a_corrupted_archive_is_a_clear_error(tmp_path):
