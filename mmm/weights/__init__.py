@@ -28,7 +28,7 @@ from typing import Callable
 from .sources import PACKAGES, HashMismatchError, RegistryUnreachableError, WeightsError, archive, record, unpack
 
 __all__ = [
-    "WEIGHTS", "SETS", "HashMismatchError", "RegistryUnreachableError", "WeightsError",
+    "WEIGHTS", "SETS", "Weights", "HashMismatchError", "RegistryUnreachableError", "WeightsError",
     "default_root", "local_path", "is_complete", "materialise",
 ]
 
