@@ -114,7 +114,7 @@ def train_dataset(cfg: TrainConfig):
     from training.storage import resolve
 
     fs, path = resolve(cfg.data.dialogues, cfg.run.s3_endpoint)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=[*ROW_COLUMNS, "split"])
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns([*ROW_COLUMNS, "split"])
     split = cfg.data.split
     return ds.filter(expr=f"split == '{split}'").drop_columns(["split"])
 
