@@ -57,13 +57,16 @@ def _small_real() -> PresetDefaults:
     """Real Whisper-base + SmolLM2-135M on 2 CPU workers. Stage 1 aligns the projectors on captions
     and transcripts with the LM frozen (most of what transcription needs is learned here); stage 2
     adds LoRA on the LM for the dialogues (docs/LEARNING.md, "small-real")."""
-    common = dict(context_length=1024, grad_accum=1, schedule="cosine", min_lr_ratio=0.05, log_every=10)
+    common = dict(grad_accum=1, schedule="cosine", min_lr_ratio=0.05, log_every=10)
     cpu = ResourcesSection(num_workers=2, use_gpu=False, cpus_per_worker=1.0)
     return PresetDefaults(
-        pretrain=StageDefaults(OptimSection(max_steps=300, lr=5e-3, warmup_steps=20, micro_batch_size=8,
-                                            checkpoint_every=100, **common), llm="frozen", resources=cpu),
-        finetune=StageDefaults(OptimSection(max_steps=150, lr=1e-3, warmup_steps=10, micro_batch_size=4,
-                                            checkpoint_every=75, **common), llm="lora", resources=cpu),
+        # rows of 256 tokens hold ~5 transcript pairs: 2 workers x 2 rows ~ 20 pairs a step
+        pretrain=StageDefaults(OptimSection(max_steps=150, lr=5e-3, warmup_steps=10, micro_batch_size=2,
+                                            context_length=256, checkpoint_every=50, **common),
+                               llm="frozen", resources=cpu),
+        finetune=StageDefaults(OptimSection(max_steps=80, lr=1e-3, warmup_steps=5, micro_batch_size=1,
+                                            context_length=512, checkpoint_every=40, **common),
+                               llm="lora", resources=cpu),
     )
 
 
