@@ -5,12 +5,10 @@ Usage:
     python jobs/evaluate.py model=s3://bucket/run/final data=s3://bucket/mmm storage.endpoint_url=... out=/tmp/ev
     python jobs/evaluate.py --help                      # every field with its default
 
-Every assistant turn of every eval dialogue is scored: the prompt is the reference history up to
-that turn (teacher forcing), the answer is greedy (``generate_batch``, prompts of similar length
-batched together), and it counts as right when it equals the reference after normalisation
-(lowercase, punctuation removed, whitespace collapsed). The eval media never appear in training
-(the offline generator splits media before making dialogues). Loss is the teacher-forced mean
-cross-entropy over every assistant token of the eval dialogues.
+Every assistant turn of every eval dialogue is scored by exact match of its greedy answer, given
+the reference history before it (evaluation/exact.py). The eval media never appear in training
+(the offline generator splits media before making dialogues). Data with spoken phrases also gets
+a transcription report (evaluation/speech.py).
 
 Two splits are scored side by side: ``eval`` (held-out media drawn like the training media) and
 ``eval_ood`` (the same dialogues about twin media with the same facts, rendered with parameters
@@ -20,7 +18,8 @@ the facts. Data without an ``eval_ood`` split (imported or older data) is scored
 
 Writes under ``out``:
     eval.json      {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts", "model", "seconds",
-                    "ood": {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts"}}
+                    "ood": {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts"},
+                    "speech": {"en": {"exact", "word_accuracy", "unseen_word_accuracy", ...}, "ms": ..., "real": ...}}
     accuracy.png   bar chart per kind and language, with the table of figures
     loss.png       training loss curves of both stages (``metrics`` files; missing ones are skipped)
 and prints the accuracy table.
@@ -30,11 +29,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import string
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from mmm.chat import media_modalities
-from mmm.schema import AUDIO, IMAGE, KINDS, LANGS
+from evaluation.exact import answer, eval_loss, normalize, score, table, turn_prompts  # noqa: F401 (normalize: API)
+from evaluation.plots import plot_accuracy, plot_losses
 from pipelines.storage import StorageConfig
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 @dataclass
@@ -75,167 +69,6 @@ class EvalConfig:
     threads: int = 0
     """torch threads (0: torch's default, all cores)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
-
-
-def normalize(text: str) -> str:
-    """Lowercase, drop punctuation, collapse whitespace: "Image 2." == "image 2"."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-# ---- prompts and answers -----------------------------------------------------------------------
-
-
-def turn_prompts(model, rows: list[dict], index) -> list[dict]:
-    """One prompt per assistant turn: the reference history before it, with its media features."""
-    prompts = []
-    for row in rows:
-        feats = [index[m] for m in row["media_ids"]]
-        messages = row["messages"]
-        for j, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            history = messages[:j]
-            n = len(media_modalities(history))
-            r = model.render(history, feats[:n], add_generation_prompt=True)
-            prompts.append({
-                "ids": r.input_ids, "reference": msg["content"], "kind": row["kind"], "lang": row["lang"],
-                "image": [f for m, f in zip(r.modalities, feats[:n]) if m == IMAGE],
-                "audio": [f for m, f in zip(r.modalities, feats[:n]) if m == AUDIO],
-            })
-    return prompts
-
-
-@torch.no_grad()
-def answer(model, prompts: list[dict], batch_size: int, max_new_tokens: int, progress: bool = True) -> list[str]:
-    """Greedy answers, batched by similar prompt length; returned in the prompts' order."""
-    from tqdm import tqdm
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["ids"]))
-    out: list[str] = [""] * len(prompts)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generate", disable=not progress):
-        todo = [(torch.tensor(prompts[i]["ids"]), prompts[i]["image"], prompts[i]["audio"]) for i in batch]
-        for i, ids in zip(batch, model.generate_batch(todo, max_new_tokens=max_new_tokens)):
-            out[i] = model.tokenizer.decode(ids, skip_special_tokens=True)
-    return out
-
-
-def score(prompts: list[dict], answers: list[str]) -> dict:
-    """Exact-match accuracy overall, by kind, by language and by both, with counts."""
-    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for p, a in zip(prompts, answers):
-        ok = int(normalize(a) == normalize(p["reference"]))
-        for key in ("overall", f"kind:{p['kind']}", f"lang:{p['lang']}", f"kind_lang:{p['kind']}/{p['lang']}"):
-            hits[key][0] += ok
-            hits[key][1] += 1
-
-    def acc(key: str) -> float | None:
-        right, n = hits.get(key, (0, 0))
-        return round(right / n, 4) if n else None
-
-    kinds = [k for k in KINDS if f"kind:{k}" in hits]
-    langs = [lg for lg in LANGS if f"lang:{lg}" in hits]
-    return {
-        "overall": acc("overall"),
-        "by_kind": {k: acc(f"kind:{k}") for k in kinds},
-        "by_lang": {lg: acc(f"lang:{lg}") for lg in langs},
-        "by_kind_lang": {f"{k}/{lg}": acc(f"kind_lang:{k}/{lg}") for k in kinds for lg in langs},
-        "counts": {"turns": hits["overall"][1], "by_kind": {k: hits[f"kind:{k}"][1] for k in kinds},
-                   "by_lang": {lg: hits[f"lang:{lg}"][1] for lg in langs}},
-    }
-
-
-@torch.no_grad()
-def eval_loss(model, rows: list[dict], index, context_length: int) -> float:
-    """Teacher-forced mean cross-entropy over every assistant token of ``rows``."""
-    from training.rows import render_row
-    from mmm.packing import model_inputs, pack_stream
-
-    total, tokens = 0.0, 0
-    samples = (render_row(model, r, index) for r in rows)
-    for batch in pack_stream(samples, context_length, 8, model.tokenizer.pad_token_id):
-        n = int((batch["labels"][:, 1:] != -100).sum())  # HF shifts labels by one
-        total += float(model(**model_inputs(batch)).loss) * n
-        tokens += n
-    return round(total / max(tokens, 1), 4)
-
-
-# ---- report ------------------------------------------------------------------------------------
-
-
-def table(result: dict) -> str:
-    """The accuracy table: one line per kind, a column per language and the total for the eval
-    split, then the same for the ood split when there is one (side by side), then the totals."""
-    langs = list(result["by_lang"])
-    parts = [("", result)] + ([("ood ", result["ood"])] if result.get("ood") else [])
-    pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
-
-    def cells(r: dict, kind: str | None) -> str:
-        if kind is None:
-            return "".join(f"{pct(r['by_lang'].get(lg)):>8}" for lg in langs) + f"{pct(r['overall']):>8}"
-        return "".join(f"{pct(r['by_kind_lang'].get(f'{kind}/{lg}')):>8}" for lg in langs) + f"{pct(r['by_kind'].get(kind)):>8}"
-
-    head = "".join(f"{p + lg:>8}" for p, _ in parts for lg in [*langs, "all"])
-    lines = [f"{'kind':<18}{head}{'turns':>7}"]
-    for kind in result["by_kind"]:
-        lines.append(f"{kind:<18}" + "".join(cells(r, kind) for _, r in parts) + f"{result['counts']['by_kind'][kind]:>7}")
-    lines.append(f"{'overall':<18}" + "".join(cells(r, None) for _, r in parts) + f"{result['counts']['turns']:>7}")
-    return "\n".join(lines)
-
-
-def plot_accuracy(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds, langs = list(result["by_kind"]), list(result["by_lang"])
-    fig, (ax, tx) = plt.subplots(2, 1, figsize=(9, 7), gridspec_kw={"height_ratios": [3, 2]})
-    width = 0.8 / (len(langs) + 1)
-    for j, name in enumerate([*langs, "all"]):
-        vals = [result["by_kind"][k] if name == "all" else result["by_kind_lang"].get(f"{k}/{name}") or 0 for k in kinds]
-        ax.bar([i + (j - len(langs) / 2) * width for i in range(len(kinds))], [100 * v for v in vals], width, label=name)
-    ax.axhline(100 * result["overall"], color="k", ls="--", lw=1, label=f"overall {100 * result['overall']:.1f}%")
-    if result.get("ood"):
-        ood = result["ood"]
-        ax.scatter(range(len(kinds)), [100 * (ood["by_kind"].get(k) or 0) for k in kinds], marker="v", color="r", zorder=3,
-                   label="ood, all")
-        ax.axhline(100 * ood["overall"], color="r", ls=":", lw=1, label=f"ood overall {100 * ood['overall']:.1f}%")
-    ax.set_xticks(range(len(kinds)), kinds, fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("exact match (%)")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"eval exact match ({result['counts']['turns']} assistant turns), loss {result['loss']}")
-    tx.axis("off")
-    tx.text(0, 1, table(result), family="monospace", fontsize=9, va="top")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_losses(paths: list[str], path: str) -> list[str]:
-    """Loss vs optimizer step, one panel per stage's metrics.jsonl; returns the files plotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from training.metrics import read_jsonl
-
-    found = [p for p in paths if os.path.exists(p)]
-    fig, axes = plt.subplots(1, max(1, len(found)), figsize=(5 * max(1, len(found)), 3.5), squeeze=False)
-    for ax, p in zip(axes[0], found):
-        recs = [r for r in read_jsonl(p) if "loss" in r and "step" in r]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-        ax.set_title(Path(p).parent.name or p)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("train loss")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return found
 
 
 # ---- the job -----------------------------------------------------------------------------------
