@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-START_TIMEOUT_S = 120
+START_TIMEOUT_S = 300
 
 
 def free_ports(n: int) -> list[int]:
