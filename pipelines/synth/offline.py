@@ -71,13 +71,15 @@ class OfflineDialogues:
         ``twins`` maps an eval media id to its eval_ood twin (same facts, other rendering)."""
         self.pools, self.cfg, self.seed, self.twins = pools, cfg, seed, twins or {}
         self.n_eval = num_eval(cfg.num_dialogues, cfg.eval_fraction)
+        # spoken phrases have no twin: speech holds out phrases and voices of its own (synth/speech.py)
+        self._spoken = {m for m, _ in pools.get("eval", {}).get("speech", [])}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, self.NEEDS, type(self).__name__)
         rows = []
         for i in batch["index"].to_pylist():
             rows.append(self.dialogue(i))
-            if rows[-1]["split"] == "eval" and self.twins:
+            if rows[-1]["split"] == "eval" and self.twins and not set(rows[-1]["media_ids"]) & self._spoken:
                 rows.append(self.twin(rows[-1]))
         return pa.Table.from_pylist(rows, schema=DIALOGUES)
 
