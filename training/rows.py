@@ -108,6 +108,7 @@ def train_dataset(cfg: TrainConfig):
     """The Ray Dataset handed to ``fit``: stage 1's caption rows, or stage 2's dialogues streamed
     from Parquet (filtered to ``data.split``) so each worker reads only its shard."""
     import ray
+    from ray.data.expressions import col
 
     if cfg.stage == "pretrain":
         return ray.data.from_arrow(train_rows(cfg))
@@ -116,7 +117,7 @@ def train_dataset(cfg: TrainConfig):
     fs, path = resolve(cfg.data.dialogues, cfg.run.s3_endpoint)
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns([*ROW_COLUMNS, "split"])
     split = cfg.data.split
-    return ds.filter(expr=f"split == '{split}'").drop_columns(["split"])
+    return ds.filter(expr=col("split") == split).drop_columns(["split"])
 
 
 # ---- worker side: the feature index ---------------------------------------------------------
