@@ -16,10 +16,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
+    """Rank (peft's common default)."""
     alpha: int = 32
     dropout: float = 0.0
     targets: str | list[str] = "all-linear"
+    """peft's shorthand for every linear layer but the output head (QLoRA's recommendation), or module names."""
     train_new_tokens: bool = True
+    """Train the embedding (and untied output) rows of the tokens MMM adds to a pretrained vocabulary."""
 
 
 def add_lora(llm, settings: LoraSettings, token_ids: list[int]):

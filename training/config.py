@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from mmm import config_io
+from mmm.lora import LoraSettings
 
 STAGES = ("pretrain", "finetune")
 LLM_MODES = ("frozen", "full", "lora")
@@ -45,22 +46,6 @@ class ModelSection:
         from mmm.config import PRESETS
 
         _check(self.preset in PRESETS, f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-
-
-@dataclass
-class LoraSection:
-    """Stage 2's adapters when ``llm: lora`` (peft). Ignored otherwise."""
-
-    r: int = 16
-    """Rank (peft's common default)."""
-    alpha: int = 32
-    dropout: float = 0.0
-    targets: str | list[str] = "all-linear"
-    """peft's shorthand for every linear layer but the output head (QLoRA's recommendation), or module names."""
-    train_new_tokens: bool = True
-    """Train the embedding (and untied output) rows of the tokens MMM adds to a pretrained vocabulary
-    (media tags, ChatML turns the LM lacks). Frozen, they keep their random init and a new
-    ``<|im_end|>`` could never be learned, so the model would never stop."""
 
 
 @dataclass
@@ -158,7 +143,8 @@ class TrainConfig:
     llm: str = "full"
     """What of the LM trains: frozen (stage 1) | full | lora (settings in ``lora``). Projectors always train."""
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Stage 2's adapters when ``llm: lora`` (mmm/lora.py); ignored otherwise."""
     data: DataSection = field(default_factory=DataSection)
     train: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)

@@ -142,20 +142,10 @@ def build_model(cfg: TrainConfig):
         model.set_trainable(projectors=True, llm=False)
     else:
         model = MMMModel.from_pretrained(cfg.model.init, expect_phase="stage1", storage_options=_storage_options(cfg))
-        if cfg.llm == "lora":
-            model.set_trainable(projectors=True, llm=lora_settings(cfg))
-        else:
-            model.set_trainable(projectors=True, llm=True)
+        model.set_trainable(projectors=True, llm=cfg.lora if cfg.llm == "lora" else True)
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
-
-
-def lora_settings(cfg: TrainConfig):
-    from mmm.lora import LoraSettings
-
-    c = cfg.lora
-    return LoraSettings(r=c.r, alpha=c.alpha, dropout=c.dropout, targets=c.targets, train_new_tokens=c.train_new_tokens)
 
 
 def _storage_options(cfg: TrainConfig) -> dict | None:
