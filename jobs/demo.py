@@ -129,7 +129,8 @@ def describe(name: str, summary: dict, out: Path) -> str:
     if name == "synthesize":
         media = summary.get("media", {})
         count = lambda kind: sum(v for k, v in media.items() if k.startswith(kind))  # noqa: E731
-        return f"{count('image')} images, {count('audio')} clips, {summary.get('dialogues')} dialogues"
+        spoken = f", {count('speech')} spoken phrases" if count("speech") else ""
+        return f"{count('image')} images, {count('audio')} beep clips{spoken}, {summary.get('dialogues')} dialogues"
     if name == "features":
         enc = summary.get("encoded", {})
         return (f"{sum(enc.values())} items encoded ({', '.join(f'{v} {k}' for k, v in enc.items())}), "
