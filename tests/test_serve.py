@@ -38,6 +38,8 @@ def server():
 
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="mmm-serve-", dir="/tmp")
+    # a loaded machine starts Ray's agents slowly; the raylet's default 15 s wait then aborts it
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     # a fresh cluster of our own on 127.0.0.1, never one another test or user started
     start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=tmp,
                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
