@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import RequestLimits, ServeArgs
 from .engine import resolve_checkpoint
-from .errors import APIError
+from .errors import APIError, unavailable
 from .openai_schema import ChatRequest, parse_request
 from .responses import completion, sse
 
@@ -94,7 +94,7 @@ class ChatModel:
         return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}
 
     def stats(self) -> dict:
-        return self.service.stats()
+        return {**self.service.stats(), "pid": os.getpid()}
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -141,7 +141,10 @@ class ChatIngress:
         req = await asyncio.to_thread(parse_request, body, self.limits, model_id)  # base64 of MBs: off the loop
         await self._fetch_remote(req)
         events = self._chat.remote(req)
-        first = await events.__anext__()
+        try:
+            first = await events.__anext__()
+        except Exception as e:  # the replica died: a clean 503, never a hang or a bare 500
+            raise unavailable(e) or e
         if first.error is not None:
             raise first.error
         if not req.stream:

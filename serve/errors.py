@@ -39,5 +39,16 @@ class APIError(Exception):
         return f"APIError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
 
 
+def unavailable(exc: BaseException) -> APIError | None:
+    """The 503 for a model replica that died or became unreachable mid-request (Ray Serve starts
+    another; the client may retry), or None for any other exception."""
+    from ray import exceptions as rx
+
+    if isinstance(exc, (rx.RayActorError, rx.ActorUnavailableError)):
+        return APIError(503, f"the model replica serving this request went away ({type(exc).__name__}); retry shortly",
+                        None, "model_unavailable")
+    return None
+
+
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)

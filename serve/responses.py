@@ -39,6 +39,20 @@ def _chunk(cid: str, created: int, model: str, delta: dict | None, finish: str |
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+async def _guard(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """The events, ending with an error event (a 503) if the model replica goes away mid-stream."""
+    from .errors import unavailable
+
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        err = unavailable(e)
+        if err is None:
+            raise
+        yield Event.failed(err)
+
+
 async def sse(events: AsyncIterator[Event], model: str, include_usage: bool) -> AsyncIterator[str]:
     """Service events (after ``start``) -> SSE lines: a role chunk, content chunks, a finish chunk,
     an optional usage chunk (``stream_options.include_usage``), then ``data: [DONE]``."""
@@ -46,7 +60,10 @@ async def sse(events: AsyncIterator[Event], model: str, include_usage: bool) -> 
     finished = False
     try:
         yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
-        async for event in events:
+        async for event in _guard(events):
+            if event.error is not None:  # the replica died mid-stream: say so in OpenAI's shape, then end
+                yield f"data: {json.dumps(event.error.body())}\n\n"
+                break
             if event.delta:
                 yield _chunk(cid, created, model, {"content": event.delta})
             if event.done:
