@@ -40,7 +40,8 @@ def run_logged(name: str, cmd: list[str], log_path: Path, *, cwd: Path, env: dic
         log.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         status = _Status(name, start) if not verbose and sys.stdout.isatty() else None
-        for raw in iter(proc.stdout.readline, b""):
+        # Chunks, not lines: a progress bar redraws with \r and writes no newline until it ends.
+        for raw in iter(lambda: proc.stdout.read1(1 << 16), b""):
             log.write(raw)
             if verbose:
                 sys.stdout.write(raw.decode(errors="replace"))
@@ -87,9 +88,11 @@ class _Status:
         self.thread = threading.Thread(target=self._tick, daemon=True)
         self.thread.start()
 
-    def update(self, text: str) -> None:
-        # tqdm redraws with \r; the last segment is the bar's current state.
-        text = ANSI.sub("", text).replace("\r\n", "\n").split("\r")[-1].strip()
+    def update(self, chunk: str) -> None:
+        # The job's current line: what follows its last \r or \n (tqdm redraws with \r); a chunk
+        # that ends a line leaves the line it ended.
+        segments = [t.strip() for t in re.split(r"[\r\n]", ANSI.sub("", chunk))]
+        text = next((t for t in reversed(segments) if t), "")
         if text:
             with self.lock:
                 self.latest = text
