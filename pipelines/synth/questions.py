@@ -41,7 +41,7 @@ def attribute(item: Item, lang: str, rng: random.Random):
     A named item's answer starts with its name, so the number is the token right before the fact:
     the step that writes the fact looks up the span carrying that number from its own token. A
     bare "red" needs the number carried over from the question first, which the tiny LM learned
-    in some runs and not others (README, "Learning").
+    in some runs and not others (docs/LEARNING.md#answer-formats).
     """
     if item.kind == "speech":
         return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["phrase"]
@@ -57,7 +57,7 @@ def verdict(evidence: list[str], holds: bool, lang: str) -> str:
     A bare "yes"/"no" asks a small LM to compare two things it has only read (two items, or an
     item and a claimed value) in one step; the tiny LM never learned that (chance in every chain
     run: it said "no" in English and "ya" in Malay whatever the media). Written out first, the two
-    sit a fixed few tokens before the verdict, and comparing them is learned (README, "Learning").
+    sit a fixed few tokens before the verdict, and comparing them is learned (docs/LEARNING.md#answer-formats).
     """
     facts = f" {word('and', lang)} ".join(evidence)
     return f"{facts}, {word('so', lang)} {word(YES if holds else NO, lang)}"
