@@ -2,7 +2,9 @@
 OpenAI messages and the project's own format, each with bad rows; a rerun is idempotent; then the
 usual features job and a few steps of jobs/finetune.py on the imported dialogues.
 
-Budget: ~2 minutes on 2 cores (Ray start ~10 s, five imports ~5 s each, features ~20 s, stage 2 ~60 s).
+Cost: five imports (two small actor pools each), one features run, 3 stage-2 steps. Measured only
+on a 2-core machine under load 25-33 from other jobs (Ray workers at nice 15): 18 min; a quiet
+machine should take a small fraction of that (not measured).
 """
 
 from __future__ import annotations
