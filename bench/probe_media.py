@@ -1,7 +1,7 @@
 """Can the tiny preset's frozen random encoders still read the facts of the varied offline media?
 
 Usage:
-    python bench/probe_media.py                    # 480 items a modality, ~1-2 minutes on 2 cores
+    python bench/probe_media.py                    # 480 items a modality: ~2 min CPU (4 min wall, load 2)
     python bench/probe_media.py --items 240 --seed 3
 
 Draws items with the training style (``pipelines.synth.media.TRAIN``) and their twins with the

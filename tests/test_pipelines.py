@@ -47,7 +47,7 @@ def ray_local(tmp_path_factory):
 def root(ray_local, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     summary = synth_job.main([f"out={root}", *SMALL_SYNTH, *QUIET])
-    assert summary["dialogues"] == 60
+    assert summary["dialogues"] == 70 and summary["by_split"] == {"eval": 10, "eval_ood": 10, "train": 50}
     return root
 
 

@@ -19,7 +19,6 @@ File names depend only on the source, so a rerun replaces its own outputs: idemp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import time
@@ -60,6 +59,7 @@ class ImportConfig:
     preset: str = "tiny"
     """Preset whose image processor Decode uses (the validation resizes as the features job will)."""
     parse: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=256, num_cpus=0.25))
+    """Record parsing: pure Python and JSON, so one light actor and large batches."""
     ingest: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=64, num_cpus=0.25))
     """Read + hash + decode, ingest's stages chained in one light actor."""
     limits: MediaLimits = field(default_factory=MediaLimits)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-_ROLE = re.compile(r"(^|\n)\s*(user|human|assistant|system|pengguna)\s*:|<\|im_(start|end)\|>|<\|(user|assistant)\|>", re.I)
+_ROLE = re.compile(r"\b(user|human|assistant|pengguna|pembantu)\s*:|(^|\n)\s*system\s*:|<\|im_(start|end)\|>|<\|(user|assistant)\|>", re.I)
 _TAG = re.compile(r"</?(image|audio)>")
 _REF = re.compile(r"\b(picture|image|gambar|audio)\s+(\d+)\b", re.I)
 _WORD = re.compile(r"[a-zA-Z]+")

@@ -81,7 +81,7 @@ class Style:
     """Picture side in pixels; the vision encoder resizes every picture to its own size."""
     fill: tuple = ((0.55, 0.9),)
     """Shape side as a share of its quadrant cell."""
-    shade: tuple = ((-0.22, 0.22),)
+    shade: tuple = ((-0.25, 0.25),)
     """How far the colour moves from its base: negative toward black, positive toward white."""
     background: tuple = ((236, 255),)
     """Grey level of the background."""
@@ -101,16 +101,21 @@ class Style:
 TRAIN = Style()
 OOD = Style(
     canvas=((64, 96),),
-    fill=((0.4, 0.5), (0.92, 0.98)),
-    shade=((-0.36, -0.28), (0.28, 0.4)),
-    background=((222, 232),),
-    beep=((0.08, 0.1), (0.34, 0.42)),
-    gap=((0.08, 0.1), (0.34, 0.45)),
-    amplitude=((0.08, 0.12), (0.65, 0.8)),
-    noise=((0.02, 0.03),),
+    fill=((0.92, 0.98),),
+    shade=((-0.33, -0.27), (0.27, 0.33)),
+    background=((226, 234),),
+    beep=((0.34, 0.42),),
+    gap=((0.34, 0.45),),
+    amplitude=((0.1, 0.13), (0.65, 0.8)),
+    noise=((0.018, 0.025),),
     tail=((1.1, 1.5),),
     speed=((110, 130), (190, 210)),
 )
+"""Larger shapes and canvases, other shades, a darker background; longer beeps and gaps, quieter or
+louder beeps, more noise, longer clips. Not smaller shapes or shorter beeps: below 0.5 of a cell a
+shape covers less than one 8-pixel patch of the tiny vision tower, and a beep under 0.1 s less than
+two audio tokens (80 ms each), which the tiny encoders cannot resolve at all (a probe reads shape
+and count at chance there), so those would measure the encoders' resolution, not generalisation."""
 STYLES = {"train": TRAIN, "ood": OOD}
 
 
