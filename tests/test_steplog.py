@@ -35,7 +35,7 @@ def test_a_failed_job_shows_its_tail_and_the_log_path(tmp_path, capsys):
 
 def test_summaries_and_overrides(tmp_path):
     assert describe("synthesize", {"media": {"image/train": 9, "image/eval": 1, "audio/train": 4}, "dialogues": 30},
-                    tmp_path) == "10 images, 4 clips, 30 dialogues"
+                    tmp_path) == "10 images, 4 beep clips, 30 dialogues"
     assert "12 steps, loss 5.000 -> 1.5" in describe("finetune", {"steps": 12, "loss": 1.5, "first_loss": 5.0}, tmp_path)
     (tmp_path / "eval.json").write_text(json.dumps({"overall": 0.5, "counts": {"turns": 8}}))
     assert describe("evaluate", {}, tmp_path) == "50.0% exact match on 8 held-out turns"
