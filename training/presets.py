@@ -61,11 +61,11 @@ def _small_real() -> PresetDefaults:
     cpu = ResourcesSection(num_workers=2, use_gpu=False, cpus_per_worker=1.0)
     return PresetDefaults(
         # rows of 256 tokens hold ~5 transcript pairs: 2 workers x 2 rows ~ 20 pairs a step
-        pretrain=StageDefaults(OptimSection(max_steps=150, lr=5e-3, warmup_steps=10, micro_batch_size=2,
+        pretrain=StageDefaults(OptimSection(max_steps=100, lr=5e-3, warmup_steps=10, micro_batch_size=2,
                                             context_length=256, checkpoint_every=50, **common),
                                llm="frozen", resources=cpu),
-        finetune=StageDefaults(OptimSection(max_steps=80, lr=1e-3, warmup_steps=5, micro_batch_size=1,
-                                            context_length=512, checkpoint_every=40, **common),
+        finetune=StageDefaults(OptimSection(max_steps=40, lr=1e-3, warmup_steps=5, micro_batch_size=1,
+                                            context_length=512, checkpoint_every=20, **common),
                                llm="lora", resources=cpu),
     )
 
