@@ -228,6 +228,23 @@ def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple], preset: 
     return path
 
 
+def serve_chat(demo: Demo, out: Path, logs: Path) -> list[tuple] | None:
+    """Serve the stage-2 export and hold the demo's 3-turn chat: (question, answer, expected) per
+    turn, or None (said on stderr) when the server does not come up."""
+    from serve.demo import serve_and_chat
+
+    turns, expected = (chat_turns if demo.preset == "tiny" else real_chat_turns)(out / "data")
+    print("\nA 3-turn chat through the OpenAI API (serve run serve.app:build):", flush=True)
+    try:
+        answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(logs / "serve.log"))
+    except (RuntimeError, TimeoutError) as e:
+        print(f"serve: {e}; its log: {_shown(logs / 'serve.log')}", file=sys.stderr)
+        return None
+    names = {"image_url": "[image]", "input_audio": "[audio]"}
+    texts = ["".join(p if isinstance(p, str) else names[p["type"]] for p in turn).replace("\n", " ") for turn in turns]
+    return list(zip(texts, answers, expected))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(DEMOS), default="tiny", help="whose demo to run")
@@ -268,19 +285,10 @@ def main(argv=None) -> int:
     ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else None
     chat = []
     if args.until == "serve":
-        from serve.demo import serve_and_chat
-
         t = time.time()
-        turns, expected = (chat_turns if demo.preset == "tiny" else real_chat_turns)(out / "data")
-        print("\nA 3-turn chat through the OpenAI API (serve run serve.app:build):", flush=True)
-        try:
-            answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(logs / "serve.log"))
-        except (RuntimeError, TimeoutError) as e:
-            print(f"serve: {e}; its log: {_shown(logs / 'serve.log')}", file=sys.stderr)
+        chat = serve_chat(demo, out, logs)
+        if chat is None:
             return 1
-        names = {"image_url": "[image]", "input_audio": "[audio]"}
-        texts = ["".join(p if isinstance(p, str) else names[p["type"]] for p in turn).replace("\n", " ") for turn in turns]
-        chat = list(zip(texts, answers, expected))
         timings["serve + chat"] = time.time() - t
     if ev is not None:
         print("Accuracy on held-out media:\n" + accuracy_table(ev))
