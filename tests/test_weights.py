@@ -118,7 +118,8 @@ def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatc
     messages = [{"role": "user", "content": "<audio></audio> What is the capital of France?"},
                 {"role": "assistant", "content": "Paris."}]
     r = model.render(messages, feats)
-    assert tok.decode(r.input_ids).startswith("<|im_start|>user\n<audio>"), "no doubled <|im_start|> as bos"
+    # one <|im_start|> opens the turn (no bos doubling it), then the renderer's label of the clip
+    assert tok.decode(r.input_ids).startswith("<|im_start|>user\nAudio 1: <audio>"), "no doubled <|im_start|> as bos"
     out = model(torch.tensor([r.input_ids]), audio_features=feats, labels=torch.tensor([r.labels]))
     assert torch.isfinite(out.loss)
     prompt = model.render(messages[:1], feats, add_generation_prompt=True)

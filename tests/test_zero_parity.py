@@ -136,7 +136,7 @@ def test_zero2_matches_plain_data_parallel(tmp_path):
     w = torch.load(out)
     moved = {k for k in w["init"] if not torch.equal(w["init"][k], w["reference"][k])}
     assert any("vision_projector" in k for k in moved) and any("audio_projector" in k for k in moved)
-    assert any(".llm." in k for k in moved)
+    assert any(k.startswith("llm.") for k in moved)
     for k in w["reference"]:
         step = (w["reference"][k] - w["init"][k]).abs().max()
         torch.testing.assert_close(w["zero2"][k], w["reference"][k], atol=1e-6 + 1e-3 * float(step), rtol=0,
