@@ -156,6 +156,11 @@ class StepDecoder:
         return len(self.params)
 
     @property
+    def padded(self) -> bool:
+        """Whether some row is left-padded (rows of different lengths share the batch)."""
+        return not bool(self.mask.all())
+
+    @property
     def can_merge(self) -> bool:
         """Only plain growing caches can be padded and concatenated (not sliding-window ones)."""
         return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(self.cache, "layers", [None]))
@@ -166,7 +171,10 @@ class StepDecoder:
             return
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         self.positions = self.positions + 1
-        out, self.cache = lm_call(self.model.llm, self.cache, input_ids=self.pending[:, None], attention_mask=self.mask,
+        # With no left padding the causal mask of a one-token step hides nothing: None lets the LM
+        # skip building a (B, 1, 1, L) mask every step
+        mask = self.mask if self.padded else None
+        out, self.cache = lm_call(self.model.llm, self.cache, input_ids=self.pending[:, None], attention_mask=mask,
                                   position_ids=self.positions)
         self.logits, self.pending = out.logits[:, -1], None
 

@@ -64,7 +64,7 @@ class AudioProjector(nn.Module):
         super().__init__()
         hidden = hidden or out_dim
         self.stride = stride
-        self.norm = FeatureNorm(positions, in_dim)  # statistics per frame of a window
+        self.norm = FeatureNorm(positions, in_dim)  # per frame of a window; positions=1: per channel
         self.conv = nn.Conv1d(in_dim, hidden, kernel_size=stride, stride=stride)
         self.act = nn.GELU()
         self.linear = nn.Linear(hidden, out_dim)

@@ -50,3 +50,15 @@ def s3():
                  aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="mmm-test")
     yield storage
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A local Ray for one test module, its temp folder under pytest's, shut down after the module."""
+    import ray
+
+    from pipelines.runtime import start_local_ray
+
+    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield
+    ray.shutdown()

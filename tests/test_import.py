@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 from jobs import features as features_job  # noqa: E402
 from jobs import finetune as finetune_job  # noqa: E402
 from jobs import import_dialogues as import_job  # noqa: E402
-from pipelines.runtime import start_local_ray  # noqa: E402
 from pipelines.synth.media import make_item  # noqa: E402
 
 QUIET = ["ray.progress=false"]
@@ -34,15 +33,6 @@ QUIET = ["ray.progress=false"]
 
 def _conv(*turns) -> list[dict]:
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

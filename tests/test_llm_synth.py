@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 
 from jobs import features as features_job  # noqa: E402
 from jobs import synthesize as synth_job  # noqa: E402
-from pipelines.runtime import start_local_ray  # noqa: E402
 from pipelines.synth.media import make_item  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
@@ -81,15 +80,6 @@ def _convert(folder: Path, gguf: str, out: Path) -> str:
 def smollm2() -> str:
     root = Path(os.environ.get("MMM_WEIGHTS_CACHE") or REPO / ".venv" / "mmm-weights-cache")
     return _materialise(root)
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 CAPTIONS = [

@@ -214,3 +214,26 @@ def test_batched_pixels_equal_siglip_processor(image_size):
     rgba = [images[0].convert("RGBA")]
     assert not pixels.supports(encoder.processor, rgba)
     torch.testing.assert_close(encoder.preprocess(rgba), encoder.processor(images=rgba, return_tensors="pt")["pixel_values"])
+
+
+def test_pretrained_encoder_audio_is_standardised_per_channel(tmp_path):
+    """Real presets standardise audio per channel: a frame past every training clip's length (a long
+    clip when serving) gets the same statistics as the first frame, and the checkpoint keeps them."""
+    from mmm.config import preset
+    from mmm.model import MMMModel
+    from training.rows import feature_stats
+
+    cfg = preset("tiny")
+    cfg.projector.audio_norm_per_position = False
+    model = MMMModel.build(cfg).eval()
+    norm = model.audio_projector.norm
+    assert norm.positions == 1 and preset("small-real").projector.audio_norm_per_position is False
+    clips = model.encode_media(AUDIO, [tone(1), tone(2)])
+    norm.set_stats(*feature_stats(clips, norm.positions))
+    frames = torch.cat(clips)
+    torch.testing.assert_close(norm.mean[0], frames.mean(0))
+    late = torch.cat([frames, frames[:1]])  # one frame past both clips' ends
+    torch.testing.assert_close(norm(late)[-1], norm(frames)[0])
+    model.save_pretrained(str(tmp_path), phase="stage1")
+    loaded = MMMModel.from_pretrained(str(tmp_path))
+    assert loaded.audio_projector.norm.mean.equal(norm.mean)

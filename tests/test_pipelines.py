@@ -24,7 +24,6 @@ sys.path.insert(0, str(REPO))
 from jobs import features as features_job  # noqa: E402
 from jobs import synthesize as synth_job  # noqa: E402
 from pipelines.storage import StorageConfig  # noqa: E402
-from pipelines.runtime import start_local_ray  # noqa: E402
 from pipelines.store import FeatureStore  # noqa: E402
 
 QUIET = ["ray.progress=false"]
@@ -32,15 +31,6 @@ SMALL_SYNTH = ["offline.num_images=12", "offline.num_audio=8", "dialogues.num_di
                "dialogues.pool.concurrency=1", "dialogues.pool.batch_size=20", "offline.pool.concurrency=1"]
 # One encoder actor on a 2-core box; parts of 8 rows so the store holds several.
 SMALL_FEATURES = ["encode.concurrency=1", "encode.batch_size=8", "write.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
