@@ -162,63 +162,56 @@ def single_client_ms(client, photos: list[dict], n: int, max_tokens: int = 16) -
     return 1000 * statistics.median(times)
 
 
-def main() -> None:
+def measure_served(args, port: int) -> dict:
+    """Everything measured through Serve: follow-up latency with the feature cache on and off,
+    throughput of one client vs many, one client's latency."""
     import openai
     import requests
 
-    args = parse_args()
-    port = free_port()
-    print(f"starting Serve on 127.0.0.1:{port} (tiny preset, two apps: cache on / off) ...", flush=True)
-    start(port, args.clients)
-    try:
-        mk = lambda prefix: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{prefix}/v1", api_key="-",  # noqa: E731
-                                          max_retries=0, timeout=600)
-        on, off = mk("on"), mk("off")
-        size = tuple(int(x) for x in args.photo_size.split("x"))
-        media = photo_parts(args.images, size) + clip_parts(args.clips, args.clip_seconds)
-        warm = [{"role": "user", "content": "hello"}]
-        for c in (on, off):
-            chat(c, warm, 2)
-        lat_on, lat_off = followup_latencies(on, off, media, args)
-        stats = lambda name: requests.get(f"http://127.0.0.1:{port}/{name}/v1/stats", timeout=30).json()  # noqa: E731
-        model_stats = {name: stats(name) for name in ("on", "off")}
+    mk = lambda prefix: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{prefix}/v1", api_key="-",  # noqa: E731
+                                      max_retries=0, timeout=600)
+    on, off = mk("on"), mk("off")
+    size = tuple(int(x) for x in args.photo_size.split("x"))
+    media = photo_parts(args.images, size) + clip_parts(args.clips, args.clip_seconds)
+    for c in (on, off):
+        chat(c, [{"role": "user", "content": "hello"}], 2)
+    lat_on, lat_off = followup_latencies(on, off, media, args)
+    stats = lambda name: requests.get(f"http://127.0.0.1:{port}/{name}/v1/stats", timeout=30).json()  # noqa: E731
+    model_stats = {name: stats(name) for name in ("on", "off")}
 
-        photos = photo_parts(4)
-        reqs = [[{"role": "user", "content": [{"type": "text", "text": f"Client {i}: what is in the picture?"},
-                                              photos[i % 4]]}] for i in range(args.clients * args.rounds)]
-        throughput(on, reqs[: args.clients], args.clients, args.reply_tokens)  # warm: caches the 4 photos
-        seqs, pars = [], []
-        for _ in range(args.trials):
-            seqs.append(throughput(on, reqs, 1, args.reply_tokens))
-            before = stats("on")
-            pars.append(throughput(on, reqs, args.clients, args.reply_tokens))
-            after = stats("on")
-        seq, par = statistics.median(seqs), statistics.median(pars)
-        steps = after["steps"] - before["steps"]
-        mean_batch = (after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]) / max(steps, 1)
-        single_ms = single_client_ms(on, photos, args.single_requests)
-    finally:
-        stop()
-    mmdu = None
-    if args.mmdu_turns:
-        import serve_mmdu
+    photos = photo_parts(4)
+    reqs = [[{"role": "user", "content": [{"type": "text", "text": f"Client {i}: what is in the picture?"},
+                                          photos[i % 4]]}] for i in range(args.clients * args.rounds)]
+    throughput(on, reqs[: args.clients], args.clients, args.reply_tokens)  # warm: caches the 4 photos
+    seqs, pars = [], []
+    for _ in range(args.trials):
+        seqs.append(throughput(on, reqs, 1, args.reply_tokens))
+        before = stats("on")
+        pars.append(throughput(on, reqs, args.clients, args.reply_tokens))
+        after = stats("on")
+    steps = after["steps"] - before["steps"]
+    mean_batch = (after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]) / max(steps, 1)
+    return {"lat_on": lat_on, "lat_off": lat_off, "model_stats": model_stats, "requests": len(reqs),
+            "seq": statistics.median(seqs), "par": statistics.median(pars), "mean_batch": mean_batch,
+            "max_batch": after["max_batch"], "single_ms": single_client_ms(on, photos, args.single_requests)}
 
-        print(f"MMDU-sized chat ({args.mmdu_turns} turns, 20 images x 576 tokens, 10 clips) in process ...", flush=True)
-        mmdu = serve_mmdu.run(turns=args.mmdu_turns, clip_seconds=args.mmdu_clip_seconds)
 
-    for name, st in model_stats.items():
+def report(args, m: dict, mmdu: dict | None) -> dict:
+    """Print the side-by-side tables; returns the last line's JSON object."""
+    for name, st in m["model_stats"].items():
         c = st["cache"]
         print(f"cache {name:3s}: {st['requests']} requests; decode+encode+render {st['prepare_seconds']:.2f} s "
               f"(encoders {st['encode_seconds']:.2f} s), generation {st['generate_seconds']:.2f} s; "
               f"cache hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}")
-    print(f"concurrent phase: {mean_batch:.1f} requests decoded together on average (max {after['max_batch']})")
+    print(f"concurrent phase: {m['mean_batch']:.1f} requests decoded together on average (max {m['max_batch']})")
     k = args.images + args.clips
-    cache_x, conc_x = lat_off / lat_on, par / seq
+    cache_x, conc_x = m["lat_off"] / m["lat_on"], m["par"] / m["seq"]
     print(f"\n{'':44s}{'cache on':>12s}{'cache off':>12s}{'speedup':>10s}")
-    print(f"{f'follow-up turn re-sending {k} media (s)':44s}{lat_on:12.3f}{lat_off:12.3f}{cache_x:9.1f}x")
+    print(f"{f'follow-up turn re-sending {k} media (s)':44s}{m['lat_on']:12.3f}{m['lat_off']:12.3f}{cache_x:9.1f}x")
     print(f"\n{'':44s}{'1 client':>12s}{f'{args.clients} clients':>12s}{'speedup':>10s}")
-    print(f"{f'throughput, {len(reqs)} requests (req/s)':44s}{seq:12.2f}{par:12.2f}{conc_x:9.1f}x")
-    print(f"\none client, 2 photos, 16 new tokens: median {single_ms:.0f} ms")
+    label = f"throughput, {m['requests']} requests (req/s)"
+    print(f"{label:44s}{m['seq']:12.2f}{m['par']:12.2f}{conc_x:9.1f}x")
+    print(f"\none client, 2 photos, 16 new tokens: median {m['single_ms']:.0f} ms")
     result = {}
     if mmdu:
         t = mmdu["turn_s"]
@@ -228,11 +221,29 @@ def main() -> None:
         print(f"prefix hit rate over the replay (reused / prompt tokens): {mmdu['prefix_hit_rate']:.2f}")
         result = {"prefix_cache_speedup": mmdu["prefix_cache_speedup"], "prefix_hit_rate": mmdu["prefix_hit_rate"],
                   "mmdu": mmdu}
-    print(json.dumps({"cache_speedup": round(cache_x, 2), "concurrency_speedup": round(conc_x, 2),
-                      "single_client_ms": round(single_ms, 1), **result,
-                      "followup_s": {"cache_on": round(lat_on, 3), "cache_off": round(lat_off, 3)},
-                      "throughput_rps": {"sequential": round(seq, 2), "concurrent": round(par, 2)},
-                      "mean_batch": round(mean_batch, 2)}))
+    return {"cache_speedup": round(cache_x, 2), "concurrency_speedup": round(conc_x, 2),
+            "single_client_ms": round(m["single_ms"], 1), **result,
+            "followup_s": {"cache_on": round(m["lat_on"], 3), "cache_off": round(m["lat_off"], 3)},
+            "throughput_rps": {"sequential": round(m["seq"], 2), "concurrent": round(m["par"], 2)},
+            "mean_batch": round(m["mean_batch"], 2)}
+
+
+def main() -> None:
+    args = parse_args()
+    port = free_port()
+    print(f"starting Serve on 127.0.0.1:{port} (tiny preset, two apps: cache on / off) ...", flush=True)
+    start(port, args.clients)
+    try:
+        measured = measure_served(args, port)
+    finally:
+        stop()
+    mmdu = None
+    if args.mmdu_turns:
+        import serve_mmdu
+
+        print(f"MMDU-sized chat ({args.mmdu_turns} turns, 20 images x 576 tokens, 10 clips) in process ...", flush=True)
+        mmdu = serve_mmdu.run(turns=args.mmdu_turns, clip_seconds=args.mmdu_clip_seconds)
+    print(json.dumps(report(args, measured, mmdu)))
 
 
 if __name__ == "__main__":

@@ -30,68 +30,84 @@ def _bench_module():
     return module
 
 
-def main() -> None:
-    import argparse
-
-    import numpy as np
-    import psutil
-    import requests
-    import soundfile as sf
+def png_part(i: int) -> dict:
     from PIL import Image
 
-    _bench = _bench_module()
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(buf, format="PNG")
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+
+
+def bad_parts() -> tuple[dict, dict]:
+    """A corrupt PNG and a clip a second past the 10-minute limit."""
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 601, np.float32), 16000, format="FLAC")
+    long_clip = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "flac"}}
+    bad_png = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()}}
+    return bad_png, long_clip
+
+
+def body(content: list[dict]) -> dict:
+    return {"model": "mmm", "max_tokens": 8, "temperature": 0, "messages": content}
+
+
+def client(url: str, c: int, stop_at: float, counts: dict) -> None:
+    """Until ``stop_at``: a new image, its follow-up, a corrupt image, an over-long clip, broken JSON."""
+    import requests
+
+    bad_png, long_clip = bad_parts()
+    i = 0
+    while time.time() < stop_at:
+        i += 1
+        n = c * 100000 + i
+        turn = [{"role": "user", "content": [png_part(n), {"type": "text", "text": f"what is {n}?"}]}]
+        follow = turn + [{"role": "assistant", "content": "red"}, {"role": "user", "content": "and now?"}]
+        for content in (turn, follow, [{"role": "user", "content": [bad_png]}], [{"role": "user", "content": [long_clip]}]):
+            code = requests.post(f"{url}/chat/completions", json=body(content), timeout=120).status_code
+            counts["ok" if code == 200 else "4xx" if 400 <= code < 500 else "other"] += 1
+        r = requests.post(f"{url}/chat/completions", data=b'{"model": "mmm", "mess', timeout=30)
+        counts["4xx" if r.status_code == 400 else "other"] += 1
+
+
+def soak(url: str, seconds: float, clients: int) -> dict:
+    import psutil
+    import requests
+
+    pid = requests.get(f"{url}/stats", timeout=30).json()["pid"]
+    rss = lambda: psutil.Process(pid).memory_info().rss / 2**20  # noqa: E731
+    requests.post(f"{url}/chat/completions", json=body([{"role": "user", "content": [png_part(0), {"type": "text", "text": "hi"}]}]),
+                  timeout=120)
+    start_rss, samples, counts, stop_at = rss(), [], {"ok": 0, "4xx": 0, "other": 0}, time.time() + seconds
+    threads = [threading.Thread(target=client, args=(url, c, stop_at, counts)) for c in range(clients)]
+    [t.start() for t in threads]
+    while any(t.is_alive() for t in threads):
+        time.sleep(min(60, max(1, stop_at - time.time())))
+        samples.append(round(rss(), 1))
+        print(f"{time.time() - stop_at + seconds:6.0f} s: replica RSS {samples[-1]:.0f} MiB, {counts}", flush=True)
+    stats = requests.get(f"{url}/stats", timeout=30).json()
+    return {"seconds": seconds, "rss_start_mib": round(start_rss, 1), "rss_end_mib": round(rss(), 1),
+            "rss_samples_mib": samples, "requests": counts, "prefix_cache": stats["prefix_cache"],
+            "feature_cache": stats["cache"]}
+
+
+def main() -> None:
+    import argparse
 
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=600)
     p.add_argument("--clients", type=int, default=4)
     args = p.parse_args()
-    port = _bench.free_port()
-    _bench.start(port, 16)
-    url = f"http://127.0.0.1:{port}/on/v1"
+    bench = _bench_module()
+    port = bench.free_port()
+    bench.start(port, 16)
     try:
-        def png(i):
-            buf = io.BytesIO()
-            Image.new("RGB", (48, 48), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(buf, format="PNG")
-            return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
-
-        buf = io.BytesIO()
-        sf.write(buf, np.zeros(16000 * 601, np.float32), 16000, format="FLAC")
-        long_clip = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "flac"}}
-        bad_png = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()}}
-        post = lambda body: requests.post(f"{url}/chat/completions", json=body, timeout=120)  # noqa: E731
-        msg = lambda content: {"model": "mmm", "max_tokens": 8, "temperature": 0, "messages": content}  # noqa: E731
-        pid = requests.get(f"{url}/stats", timeout=30).json()["pid"]
-        rss = lambda: psutil.Process(pid).memory_info().rss / 2**20  # noqa: E731
-        post(msg([{"role": "user", "content": [png(0), {"type": "text", "text": "hi"}]}]))
-        start_rss, samples, counts, stop_at = rss(), [], {"ok": 0, "4xx": 0, "other": 0}, time.time() + args.seconds
-
-        def client(c):
-            i = 0
-            while time.time() < stop_at:
-                i += 1
-                n = c * 100000 + i
-                turn = [{"role": "user", "content": [png(n), {"type": "text", "text": f"what is {n}?"}]}]
-                for body in (msg(turn), msg(turn + [{"role": "assistant", "content": "red"},
-                                                    {"role": "user", "content": "and now?"}]),
-                             msg([{"role": "user", "content": [bad_png]}]), msg([{"role": "user", "content": [long_clip]}])):
-                    code = post(body).status_code
-                    counts["ok" if code == 200 else "4xx" if 400 <= code < 500 else "other"] += 1
-                r = requests.post(f"{url}/chat/completions", data=b'{"model": "mmm", "mess', timeout=30)
-                counts["4xx" if r.status_code == 400 else "other"] += 1
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-        [t.start() for t in threads]
-        while any(t.is_alive() for t in threads):
-            time.sleep(min(60, max(1, stop_at - time.time())))
-            samples.append(round(rss(), 1))
-            print(f"{time.time() - stop_at + args.seconds:6.0f} s: replica RSS {samples[-1]:.0f} MiB, {counts}", flush=True)
-        end_rss = rss()
-        stats = requests.get(f"{url}/stats", timeout=30).json()
+        result = soak(f"http://127.0.0.1:{port}/on/v1", args.seconds, args.clients)
     finally:
-        _bench.stop()
-    print(json.dumps({"seconds": args.seconds, "rss_start_mib": round(start_rss, 1), "rss_end_mib": round(end_rss, 1),
-                      "rss_samples_mib": samples, "requests": counts, "prefix_cache": stats["prefix_cache"],
-                      "feature_cache": stats["cache"]}))
+        bench.stop()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
