@@ -17,17 +17,21 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
+# pip says only what went wrong (-qq); PIP_VERBOSE=1 shows all of it.
+PIP := $(PY) -m pip install $(if $(PIP_VERBOSE),,-qq)
+
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build here.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -U pip wheel
-	$(PY) -m pip install -e '.[dev]'
-	touch $@
+	@echo "installing into $(VENV) (a few minutes, once) ..."
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	@$(PIP) -U pip wheel
+	@$(PIP) -e '.[dev]'
+	@touch $@
 
 $(UI_STAMP): $(STAMP)
-	$(PY) -m pip install -e '.[dev,ui]'
-	touch $@
+	@$(PIP) -e '.[dev,ui]'
+	@touch $@
 
 test: $(UI_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
