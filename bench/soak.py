@@ -54,11 +54,11 @@ def body(content: list[dict]) -> dict:
     return {"model": "mmm", "max_tokens": 8, "temperature": 0, "messages": content}
 
 
-def client(url: str, c: int, stop_at: float, counts: dict) -> None:
+def client(url: str, c: int, stop_at: float, counts: dict, bad: tuple[dict, dict]) -> None:
     """Until ``stop_at``: a new image, its follow-up, a corrupt image, an over-long clip, broken JSON."""
     import requests
 
-    bad_png, long_clip = bad_parts()
+    bad_png, long_clip = bad
     i = 0
     while time.time() < stop_at:
         i += 1
@@ -81,7 +81,8 @@ def soak(url: str, seconds: float, clients: int) -> dict:
     requests.post(f"{url}/chat/completions", json=body([{"role": "user", "content": [png_part(0), {"type": "text", "text": "hi"}]}]),
                   timeout=120)
     start_rss, samples, counts, stop_at = rss(), [], {"ok": 0, "4xx": 0, "other": 0}, time.time() + seconds
-    threads = [threading.Thread(target=client, args=(url, c, stop_at, counts)) for c in range(clients)]
+    bad = bad_parts()  # encoded once: the 10-minute FLAC takes a while
+    threads = [threading.Thread(target=client, args=(url, c, stop_at, counts, bad)) for c in range(clients)]
     [t.start() for t in threads]
     while any(t.is_alive() for t in threads):
         time.sleep(min(60, max(1, stop_at - time.time())))
