@@ -93,7 +93,7 @@ def _load_local(cls, local: str, path: str, expect_phase):
     meta = read_meta(local)
     if expect_phase is not None:
         check_phase(path, meta["phase"], expect_phase)
-    config = ModelConfig.from_dict(meta["config"])
+    config = ModelConfig.from_dict(upgraded(meta["config"]))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer"))
     llm = AutoModelForCausalLM.from_pretrained(os.path.join(local, "llm"))
     vision = VisionEncoder(config.vision, config.seed, weights=os.path.join(local, "vision"))
@@ -104,6 +104,15 @@ def _load_local(cls, local: str, path: str, expect_phase):
         prefix = name + "."
         part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return model
+
+
+def upgraded(config: dict) -> dict:
+    """A saved config with the fields added since format 1 began, valued as the code that wrote it
+    behaved: before ``projector.audio_norm_per_position`` existed, audio was standardised per
+    position (so an older stage-1 checkpoint still loads into stage 2)."""
+    projector = dict(config.get("projector", {}))
+    projector.setdefault("audio_norm_per_position", True)
+    return {**config, "projector": projector}
 
 
 def localize(path: str, storage_options: dict[str, Any] | None = None) -> str:

@@ -127,6 +127,23 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2")
 
 
+def test_checkpoint_from_before_audio_norm_field_loads(tiny_model, tmp_path):
+    """A checkpoint saved before ``projector.audio_norm_per_position`` existed standardised audio
+    per position: it loads with that setting instead of failing on the statistics' shape."""
+    import json
+
+    from mmm.model import MMMModel
+
+    tiny_model.save_pretrained(str(tmp_path), phase="stage1")
+    meta_path = tmp_path / "mmm.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["projector"]["audio_norm_per_position"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = MMMModel.from_pretrained(str(tmp_path), expect_phase="stage1")
+    assert loaded.config.projector.audio_norm_per_position is True
+    assert loaded.audio_projector.norm.mean.equal(tiny_model.audio_projector.norm.mean)
+
+
 def test_batched_generation_matches_single(tiny_model):
     m = tiny_model
     prompts = []
