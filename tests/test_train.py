@@ -269,6 +269,26 @@ def test_the_models_loss_equals_the_lms_own_loss_over_every_position(stage1, wor
     assert torch.allclose(ours, hf, rtol=1e-5), (ours, hf)
 
 
+def test_stage2_replays_stage1_pairs_among_its_dialogues(stage1, work):
+    """``data.replay`` mixes stage 1's pairs into stage 2's rows, spread over the epoch, with their
+    media in the workers' feature index."""
+    from dataclasses import replace
+
+    cfg, _, _ = stages.parse_args("finetune", [*_args(work, "finetune", 1, 1), f"model.init={stage1.final}",
+                                               "data.replay=0.25"], "")
+    cfg = stages.absolute_paths(cfg)
+    dialogues = rows_mod.train_rows(replace(cfg, data=replace(cfg.data, replay=0.0)))
+    mixed = rows_mod.train_rows(cfg).to_pylist()
+    replayed = [i for i, r in enumerate(mixed) if r["dialogue_id"].startswith("caption-")]
+    assert len(replayed) == round(0.25 * dialogues.num_rows) and len(mixed) == dialogues.num_rows + len(replayed)
+    assert replayed[0] < len(mixed) // 4 and replayed[-1] > 3 * len(mixed) // 4, "replayed pairs are spread out"
+    assert {m for i in replayed for m in mixed[i]["media_ids"]} <= rows_mod.train_media_ids(cfg)
+    with pytest.raises(ValueError, match="data.replay=0.25 but .* has no caption or transcript"):
+        empty = work / "no_captions.parquet"
+        pq.write_table(pq.read_table(cfg.data.media).slice(0, 0), empty)
+        rows_mod.train_rows(replace(cfg, data=replace(cfg.data, media=str(empty))))
+
+
 def test_normalize_and_config_layers(tmp_path):
     assert evaluate_job.normalize("  Image 2. ") == evaluate_job.normalize("image 2") == "image 2"
     assert evaluate_job.normalize("Ya!") == "ya"

@@ -60,6 +60,10 @@ class DataSection:
     """Rows of this split are trained on; the eval split is held out for jobs/evaluate.py."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer; cheap, and reshuffled every epoch with a new seed."""
+    replay: float = 0.0
+    """Stage 2: stage 1's caption/transcript pairs mixed into the training rows, as a fraction of the
+    dialogues (0.5: one pair for every two dialogues; needs ``data.media``). Rehearsal: what only
+    stage 1 teaches (transcription, "no speech") is otherwise unlearned in stage 2."""
 
 
 @dataclass

@@ -101,16 +101,32 @@ def train_rows(cfg: TrainConfig) -> pa.Table:
     """Every training row of the stage as one table (small: text only, no tensors)."""
     if cfg.stage == "pretrain":
         return pa.Table.from_pylist(caption_rows(read_media(cfg)))
-    return read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
+    dialogues = read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
+    return with_replay(dialogues, cfg) if cfg.data.replay > 0 else dialogues
+
+
+def with_replay(dialogues: pa.Table, cfg: TrainConfig) -> pa.Table:
+    """``dialogues`` and ``data.replay`` x as many stage-1 pairs, drawn without replacement, shuffled
+    together (seeded by ``train.seed``) so every stretch of an epoch holds both."""
+    pairs = caption_rows(read_media(cfg))
+    if not pairs:
+        raise ValueError(f"data.replay={cfg.data.replay} but {cfg.data.media} has no caption or transcript")
+    rng = np.random.default_rng(cfg.train.seed)
+    count = min(len(pairs), round(cfg.data.replay * dialogues.num_rows))
+    chosen = pa.Table.from_pylist([pairs[i] for i in rng.choice(len(pairs), count, replace=False)],
+                                  schema=dialogues.schema)
+    both = pa.concat_tables([dialogues, chosen])
+    return both.take(rng.permutation(both.num_rows))
 
 
 def train_dataset(cfg: TrainConfig):
     """The Ray Dataset handed to ``fit``: stage 1's caption rows, or stage 2's dialogues streamed
-    from Parquet (filtered to ``data.split``) so each worker reads only its shard."""
+    from Parquet (filtered to ``data.split``) so each worker reads only its shard; with
+    ``data.replay``, stage 2's dialogues and replayed pairs as one table read on the driver."""
     import ray
     from ray.data.expressions import col
 
-    if cfg.stage == "pretrain":
+    if cfg.stage == "pretrain" or cfg.data.replay > 0:  # one small table, shuffled on the driver
         return ray.data.from_arrow(train_rows(cfg))
     from training.storage import resolve
 
