@@ -302,6 +302,16 @@ def test_normalize_and_config_layers(tmp_path):
     assert cfg.run.output_dir == "outputs/demo/stage1"
 
 
+def test_small_real_stage2_replays_by_default_and_the_command_line_wins():
+    from training.config import Sources, load_sources
+
+    base = stages.job_base("finetune", "/d")
+    assert load_sources("finetune", Sources.read(), "small-real", base).data.replay == 0.5
+    assert load_sources("finetune", Sources.read(), "tiny", base).data.replay == 0.0
+    off = load_sources("finetune", Sources.read(None, ["data.replay=0"]), "small-real", base)
+    assert off.data.replay == 0.0 and off.data.media == "/d/media.parquet"
+
+
 def test_stage2_takes_its_preset_from_the_checkpoint_and_refuses_architecture_overrides(stage1, work, tmp_path):
     cfg, init = stages.job_config("finetune", "/d", None, [f"model.init={stage1.final}", "lora.r=4", "llm=lora"])
     assert (init.phase, init.preset, cfg.model.preset) == ("stage1", "tiny", "tiny")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from training.config import DeepSpeedSection, OptimSection, ResourcesSection, TrainConfig
+from training.config import DataSection, DeepSpeedSection, OptimSection, ResourcesSection, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class StageDefaults:
     """What of the LM trains in this stage (stage 1 is always frozen)."""
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    replay: float = 0.0
+    """Stage 2: stage 1's pairs mixed in, as a fraction of the dialogues (``data.replay``)."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class PresetDefaults:
     def for_stage(self, stage: str) -> TrainConfig:
         d: StageDefaults = getattr(self, stage)
         return TrainConfig(stage=stage, llm=d.llm, train=replace(d.train), resources=replace(d.resources),
-                           deepspeed=replace(d.deepspeed))
+                           deepspeed=replace(d.deepspeed), data=DataSection(replay=d.replay))
 
 
 def _tiny() -> PresetDefaults:
@@ -62,14 +64,15 @@ def _small_real() -> PresetDefaults:
     return PresetDefaults(
         # rows of 256 tokens hold ~4 transcript pairs: 2 workers x 2 rows ~ 16 pairs a step, ~6.4 s a
         # step on 2 cores. Transcription is learned here, so stage 1 takes most of the 20 minutes;
-        # stage 2 is short and gentle: at lr 1e-3 for 40 steps it taught the dialogues but undid
-        # transcription (docs/LEARNING.md, "small-real")
+        # stage 2 is short and gentle (at lr 1e-3 for 40 steps it taught the dialogues but undid
+        # transcription) and replays one stage-1 pair for every two dialogues, which kept more of
+        # the transcription and the "no speech" answers (docs/LEARNING.md, "small-real")
         pretrain=StageDefaults(OptimSection(max_steps=160, lr=5e-3, warmup_steps=10, micro_batch_size=2,
                                             context_length=256, checkpoint_every=80, **common),
                                llm="frozen", resources=cpu),
         finetune=StageDefaults(OptimSection(max_steps=20, lr=3e-4, warmup_steps=3, micro_batch_size=1,
                                             context_length=512, checkpoint_every=20, **common),
-                               llm="lora", resources=cpu),
+                               llm="lora", resources=cpu, replay=0.5),
     )
 
 
