@@ -23,8 +23,8 @@ class StageDefaults:
     """What of the LM trains in this stage (stage 1 is always frozen)."""
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    replay: float = 0.0
-    """Stage 2: stage 1's pairs mixed in, as a fraction of the dialogues (``data.replay``)."""
+    data: DataSection = field(default_factory=DataSection)
+    """The data settings a preset chooses (``replay``); the data folders come from the job."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class PresetDefaults:
     def for_stage(self, stage: str) -> TrainConfig:
         d: StageDefaults = getattr(self, stage)
         return TrainConfig(stage=stage, llm=d.llm, train=replace(d.train), resources=replace(d.resources),
-                           deepspeed=replace(d.deepspeed), data=DataSection(replay=d.replay))
+                           deepspeed=replace(d.deepspeed), data=replace(d.data))
 
 
 def _tiny() -> PresetDefaults:
@@ -72,7 +72,7 @@ def _small_real() -> PresetDefaults:
                                llm="frozen", resources=cpu),
         finetune=StageDefaults(OptimSection(max_steps=20, lr=3e-4, warmup_steps=3, micro_batch_size=1,
                                             context_length=512, checkpoint_every=20, **common),
-                               llm="lora", resources=cpu, replay=0.5),
+                               llm="lora", resources=cpu, data=DataSection(replay=0.5)),
     )
 
 
