@@ -11,7 +11,9 @@ Starts a private Ray cluster and Serve on 127.0.0.1 with two copies of the app (
    a hit costs a sha256 of the bytes;
 2. throughput of N clients sending at once vs the same requests one at a time (``/on``, a 512 px
    photo and a question each, 32-token replies);
-3. one client's latency (``/on``, 2 photos and a new question each time, 16 new tokens; median);
+3. one client's latency (``/on``, 2 photos and a new question each time, 16 new tokens; median),
+   over HTTP and sent straight to the model replica's handle, and the replica's decode step: where
+   one request's time goes;
 4. the prefix KV cache on turn 27 of an MMDU-sized chat (20 images, 10 clips) at the real presets'
    lengths, on vs off, and its hit rate over the turn-by-turn replay (in process, after Serve
    stops: see ``bench/serve_mmdu.py``).
@@ -162,6 +164,44 @@ def single_client_ms(client, photos: list[dict], n: int, max_tokens: int = 16) -
     return 1000 * statistics.median(times)
 
 
+def replica_ms(photos: list[dict], n: int, max_tokens: int = 16) -> float:
+    """The same requests as :func:`single_client_ms`, parsed here and sent straight to the model
+    replica's handle: what is left of one client's latency without HTTP, Serve's proxy and the
+    ingress."""
+    from ray import serve
+
+    from serve.config import RequestLimits
+    from serve.openai_schema import parse_request
+
+    model = serve.get_deployment_handle("ChatModel", "on")
+    model_id, stream = model.info.remote().result()["id"], model.options(stream=True)
+    times = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": [*photos[:2], {"type": "text", "text": f"Question {i}: what differs?"}]}]
+        body = json.dumps({"model": "mmm", "messages": msgs, "max_tokens": max_tokens, "temperature": 0}).encode()
+        t0 = time.perf_counter()
+        list(stream.chat.remote(parse_request(body, RequestLimits(), model_id)))
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def single_client_breakdown(client, port: int, photos: list[dict], n: int) -> dict:
+    """One client's median latency over HTTP and straight to the model replica, alternated in
+    rounds so that the machine's moment-to-moment speed hits both alike, and the replica's mean
+    decode step over the same requests (from its /v1/stats)."""
+    import requests
+
+    stats = lambda: requests.get(f"http://127.0.0.1:{port}/on/v1/stats", timeout=30).json()  # noqa: E731
+    before, http, direct = stats(), [], []
+    for _ in range(3):
+        http.append(single_client_ms(client, photos, max(1, n // 3)))
+        direct.append(replica_ms(photos, max(1, n // 3)))
+    after = stats()
+    steps = after["steps"] - before["steps"]
+    step_ms = 1000 * (after["generate_seconds"] - before["generate_seconds"]) / max(steps, 1)
+    return {"http": statistics.median(http), "replica": statistics.median(direct), "step": step_ms}
+
+
 def measure_served(args, port: int) -> dict:
     """Everything measured through Serve: follow-up latency with the feature cache on and off,
     throughput of one client vs many, one client's latency."""
@@ -193,7 +233,7 @@ def measure_served(args, port: int) -> dict:
     mean_batch = (after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]) / max(steps, 1)
     return {"lat_on": lat_on, "lat_off": lat_off, "model_stats": model_stats, "requests": len(reqs),
             "seq": statistics.median(seqs), "par": statistics.median(pars), "mean_batch": mean_batch,
-            "max_batch": after["max_batch"], "single_ms": single_client_ms(on, photos, args.single_requests)}
+            "max_batch": after["max_batch"], "single": single_client_breakdown(on, port, photos, args.single_requests)}
 
 
 def report(args, m: dict, mmdu: dict | None) -> dict:
@@ -211,7 +251,10 @@ def report(args, m: dict, mmdu: dict | None) -> dict:
     print(f"\n{'':44s}{'1 client':>12s}{f'{args.clients} clients':>12s}{'speedup':>10s}")
     label = f"throughput, {m['requests']} requests (req/s)"
     print(f"{label:44s}{m['seq']:12.2f}{m['par']:12.2f}{conc_x:9.1f}x")
-    print(f"\none client, 2 photos, 16 new tokens: median {m['single_ms']:.0f} ms")
+    one = m["single"]
+    print(f"\none client, 2 photos, 16 new tokens: median {one['http']:.0f} ms over HTTP, {one['replica']:.0f} ms "
+          f"sent straight to the model replica (no HTTP, proxy or ingress); the replica's decode step "
+          f"{one['step']:.1f} ms")
     result = {}
     if mmdu:
         t = mmdu["turn_s"]
@@ -222,7 +265,9 @@ def report(args, m: dict, mmdu: dict | None) -> dict:
         result = {"prefix_cache_speedup": mmdu["prefix_cache_speedup"], "prefix_hit_rate": mmdu["prefix_hit_rate"],
                   "mmdu": mmdu}
     return {"cache_speedup": round(cache_x, 2), "concurrency_speedup": round(conc_x, 2),
-            "single_client_ms": round(m["single_ms"], 1), **result,
+            "single_client_ms": round(m["single"]["http"], 1),
+            "single_client_breakdown_ms": {"model_replica": round(m["single"]["replica"], 1),
+                                           "decode_step": round(m["single"]["step"], 2)}, **result,
             "followup_s": {"cache_on": round(m["lat_on"], 3), "cache_off": round(m["lat_off"], 3)},
             "throughput_rps": {"sequential": round(m["seq"], 2), "concurrent": round(m["par"], 2)},
             "mean_batch": round(m["mean_batch"], 2)}
