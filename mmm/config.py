@@ -91,11 +91,11 @@ class ProjectorConfig:
     audio_hidden: int | None = None
     """Hidden width of the audio projector; None uses the LM's width."""
     audio_norm_per_position: bool = False
-    """Standardise audio features per (window position, channel) instead of per channel. A random
-    encoder needs it (its positional structure dominates its output; the tiny preset sets it); a
-    pretrained encoder's statistics do not depend on where a frame sits in its window, and per
-    channel, frames past the training clips' lengths (a long clip when serving) are standardised
-    with statistics of every frame rather than of the few clips that reached them."""
+    """Standardise audio features per (window position, channel) instead of per channel. Per
+    channel, frames past the training clips' lengths (a long clip when serving, a clip with a late
+    onset) get the statistics of every frame rather than of the few clips that reached them; the
+    tiny preset's random encoder learns as well or better that way (docs/LEARNING.md, "Audio
+    statistics per channel"). Checkpoints saved per position keep it."""
     item_ordinals: int = 0
     """Learned item-number vectors added to each span (1st image, 2nd image, ...; items past this
     many share the last), trained with the projectors; see mmm/spans.py. 0 (off) keeps LLaVA's
@@ -199,7 +199,7 @@ def _tiny() -> ModelConfig:
     return ModelConfig(
         preset="tiny",
         audio=AudioConfig(window_seconds=5.0),
-        projector=ProjectorConfig(item_ordinals=8, audio_norm_per_position=True),
+        projector=ProjectorConfig(item_ordinals=8),
         # 8192 tokens hold an MMDU-sized chat (27 turns, 20 images, 10 clips) or a 10-minute clip
         llm=LLMConfig(num_layers=3, shared_span_positions=True, tie_embeddings=True, max_context=8192,
                       max_position_embeddings=8192),

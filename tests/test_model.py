@@ -127,21 +127,25 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2")
 
 
-def test_checkpoint_from_before_audio_norm_field_loads(tiny_model, tmp_path):
+def test_checkpoint_from_before_audio_norm_field_loads(tmp_path):
     """A checkpoint saved before ``projector.audio_norm_per_position`` existed standardised audio
     per position: it loads with that setting instead of failing on the statistics' shape."""
     import json
 
+    from mmm.config import preset
     from mmm.model import MMMModel
 
-    tiny_model.save_pretrained(str(tmp_path), phase="stage1")
+    cfg = preset("tiny")
+    cfg.projector.audio_norm_per_position = True  # what every checkpoint of that time did
+    old = MMMModel.build(cfg)
+    old.save_pretrained(str(tmp_path), phase="stage1")
     meta_path = tmp_path / "mmm.json"
     meta = json.loads(meta_path.read_text())
     del meta["config"]["projector"]["audio_norm_per_position"]
     meta_path.write_text(json.dumps(meta))
     loaded = MMMModel.from_pretrained(str(tmp_path), expect_phase="stage1")
     assert loaded.config.projector.audio_norm_per_position is True
-    assert loaded.audio_projector.norm.mean.equal(tiny_model.audio_projector.norm.mean)
+    assert loaded.audio_projector.norm.mean.equal(old.audio_projector.norm.mean)
 
 
 def test_batched_generation_matches_single(tiny_model):
@@ -234,15 +238,13 @@ def test_batched_pixels_equal_siglip_processor(image_size):
 
 
 def test_pretrained_encoder_audio_is_standardised_per_channel(tmp_path):
-    """Real presets standardise audio per channel: a frame past every training clip's length (a long
+    """Presets standardise audio per channel: a frame past every training clip's length (a long
     clip when serving) gets the same statistics as the first frame, and the checkpoint keeps them."""
     from mmm.config import preset
     from mmm.model import MMMModel
     from training.rows import feature_stats
 
-    cfg = preset("tiny")
-    cfg.projector.audio_norm_per_position = False
-    model = MMMModel.build(cfg).eval()
+    model = MMMModel.build(preset("tiny")).eval()  # per channel, like small-real
     norm = model.audio_projector.norm
     assert norm.positions == 1 and preset("small-real").projector.audio_norm_per_position is False
     clips = model.encode_media(AUDIO, [tone(1), tone(2)])
