@@ -153,11 +153,16 @@ def throughput(client, requests: list[list[dict]], workers: int, max_tokens: int
     return len(requests) / (time.perf_counter() - t0)
 
 
+def single_client_question(photos: list[dict], i: int) -> list[dict]:
+    """One client's i-th request: the same 2 photos, a new question."""
+    return [{"role": "user", "content": [*photos[:2], {"type": "text", "text": f"Question {i}: what differs?"}]}]
+
+
 def single_client_ms(client, photos: list[dict], n: int, max_tokens: int = 16) -> float:
     """Median latency of one client's requests: the same 2 photos, a new question each time."""
     times = []
     for i in range(n):
-        msgs = [{"role": "user", "content": [*photos[:2], {"type": "text", "text": f"Question {i}: what differs?"}]}]
+        msgs = single_client_question(photos, i)
         t0 = time.perf_counter()
         client.chat.completions.create(model="mmm", messages=msgs, max_tokens=max_tokens, temperature=0)
         times.append(time.perf_counter() - t0)
@@ -177,8 +182,7 @@ def replica_ms(photos: list[dict], n: int, max_tokens: int = 16) -> float:
     model_id, stream = model.info.remote().result()["id"], model.options(stream=True)
     times = []
     for i in range(n):
-        msgs = [{"role": "user", "content": [*photos[:2], {"type": "text", "text": f"Question {i}: what differs?"}]}]
-        body = json.dumps({"model": "mmm", "messages": msgs, "max_tokens": max_tokens, "temperature": 0}).encode()
+        body = json.dumps({"model": "mmm", "messages": single_client_question(photos, i), "max_tokens": max_tokens, "temperature": 0}).encode()
         t0 = time.perf_counter()
         list(stream.chat.remote(parse_request(body, RequestLimits(), model_id)))
         times.append(time.perf_counter() - t0)

@@ -210,6 +210,10 @@ def accuracy_table(ev: dict) -> str:
     return "\n".join(lines)
 
 
+SERVE_LOGS = ("serve.log", "serve-retry.log")
+"""The server's log of each try (under the demo's logs/)."""
+
+
 def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple] | None, preset: str = "tiny") -> Path:
     """report.md; ``chat`` None says the server did not come up (the figures above it still stand)."""
     lines = [f"# MMM demo report ({preset} preset)", "", "## Accuracy on held-out media (exact match)", "",
@@ -222,7 +226,7 @@ def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple] | None, p
     lines += ["![accuracy](accuracy.png)", "", "## Training loss", "", "![loss](loss.png)", "",
               "tensorboard --logdir " + str(out), "", "## A conversation through the OpenAI API", ""]
     if chat is None:
-        lines += ["The server did not come up: see logs/serve.log."]
+        lines += ["The server did not come up: see " + " and ".join(f"logs/{name}" for name in SERVE_LOGS) + "."]
     for q, a, want in chat or []:
         lines += [f"- **user:** {q}", f"  **mmm:** {a} (expected: {want})"]
     lines += ["", "## Step timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]
@@ -241,8 +245,7 @@ def serve_chat(demo: Demo, out: Path, logs: Path) -> list[tuple] | None:
     answers = None
     # Two tries: `serve run` starts its own Ray, whose raylet must register with the GCS within a
     # wait that Ray fixes at 30 s; on a machine still busy with other work that can fail once.
-    for attempt in (1, 2):
-        log = logs / ("serve.log" if attempt == 1 else "serve-retry.log")
+    for log in (logs / name for name in SERVE_LOGS):
         try:
             answers = serve_and_chat(str(out / "stage2" / "final"), turns, log_path=str(log))
             break
