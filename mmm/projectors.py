@@ -29,9 +29,12 @@ class FeatureNorm(nn.Module):
         self.std.copy_(std.clamp_min(1e-4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, D) -> (T, D); position t uses the statistics of position t mod ``positions``."""
+        """(T, D) -> (T, D) in x's dtype; position t uses the statistics of position t mod ``positions``.
+
+        The statistics stay float32 when the projector's weights are cast to bf16 (DeepSpeed casts
+        parameters, not buffers): standardise in float32, hand the projector its own dtype back."""
         idx = torch.arange(x.shape[0], device=x.device) % self.positions
-        return (x - self.mean[idx]) / self.std[idx]
+        return ((x - self.mean[idx]) / self.std[idx]).to(x.dtype)
 
 
 class VisionProjector(nn.Module):

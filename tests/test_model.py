@@ -106,6 +106,24 @@ def test_stage1_freezing_and_dummy_gradients(tiny_model):
             assert p.grad is not None, f"{name} got no gradient from a text-only batch"
 
 
+def test_bf16_projectors_with_float32_statistics_project():
+    """DeepSpeed's bf16 casts parameters, not buffers: the projectors' float32 feature statistics
+    must not turn a bf16 projector's input back into float32 (a bf16 ZeRO-2 step on a GPU failed so)."""
+    from mmm.config import preset
+    from mmm.model import MMMModel
+
+    m = MMMModel.build(preset("tiny"))
+    for part in m.projector_parts().values():
+        for p in part.parameters():
+            p.data = p.data.bfloat16()
+    assert m.audio_projector.norm.mean.dtype == torch.float32
+    audio = m.encode_media(AUDIO, [tone(1.0)])
+    images = m.encode_media(IMAGE, [image()])
+    for modality, feats in ((AUDIO, audio), (IMAGE, images)):
+        out = m._project(modality, feats, torch.bfloat16, torch.device("cpu"))
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_save_load_round_trip(tiny_model, tmp_path):
     from mmm.checkpoint import CheckpointError
     from mmm.model import MMMModel
