@@ -7,11 +7,13 @@ needs them copied in, e.g. ``MMM_WEIGHTS_DIR``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytestmark = pytest.mark.gpu
 
@@ -33,13 +35,16 @@ def _dialogue(model):
     return r, feats
 
 
-def test_stage2_step_in_bf16_under_zero2_on_one_gpu(small_real, tmp_path):
+def test_stage2_step_in_bf16_under_zero2_on_one_gpu(small_real, tmp_path, monkeypatch):
     """One LoRA step of small-real through DeepSpeed ZeRO-2 in bf16 on the GPU: finite loss, weights move."""
     import deepspeed
 
+    # what Ray Train's torch backend sets in each worker before the training loop runs
+    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+
     from mmm.lora import LoraSettings
     from mmm.model import MMMModel
-    from mmm.packing import collate_packed, model_inputs
     from training.config import load_config
     from training.deepspeed_config import build_optimizer, build_scheduler, deepspeed_config, param_groups
 
@@ -52,18 +57,39 @@ def test_stage2_step_in_bf16_under_zero2_on_one_gpu(small_real, tmp_path):
     opt = build_optimizer(param_groups(model, 0.0), cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg),
                                       lr_scheduler=build_scheduler(opt, cfg))
-    r, feats = _dialogue(model)
-    batch = model_inputs(collate_packed([{"input_ids": r.input_ids, "labels": r.labels, "image_features": [],
-                                          "audio_features": feats}], 512, model.tokenizer.pad_token_id))
-    batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else [t.cuda().bfloat16() for t in v] if isinstance(v, list) else v)
-             for k, v in batch.items()}
+    batch = _cuda_batch(model, copies=1)
     before = {k: v.detach().float().clone() for k, v in engine.module.named_parameters() if v.requires_grad}
-    loss = engine(**batch).loss
-    engine.backward(loss)
-    engine.step()
+    loss = _step(engine, batch)
     assert torch.isfinite(loss) and engine.bfloat16_enabled()
     moved = [k for k, v in engine.module.named_parameters() if v.requires_grad and not torch.equal(before[k], v.detach().float())]
     assert moved, "no trainable weight changed"
+    # the issue's speech calibration trains 16 dialogues a step: its step rate here, for the record
+    batch = _cuda_batch(model, copies=16)
+    _step(engine, batch)
+    torch.cuda.synchronize()
+    t, steps = time.time(), 20
+    for _ in range(steps):
+        _step(engine, batch)
+    torch.cuda.synchronize()
+    print(f"small-real stage 2 (LoRA r8 + projectors), bf16 ZeRO-2, 16 dialogues a step: "
+          f"{steps / (time.time() - t):.1f} steps/s")
+
+
+def _cuda_batch(model, copies: int) -> dict:
+    from mmm.packing import collate_packed, model_inputs
+
+    r, feats = _dialogue(model)
+    sample = {"input_ids": r.input_ids, "labels": r.labels, "image_features": [], "audio_features": feats}
+    batch = model_inputs(collate_packed([sample] * copies, 512, model.tokenizer.pad_token_id))
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else [t.cuda().bfloat16() for t in v] if isinstance(v, list) else v)
+            for k, v in batch.items()}
+
+
+def _step(engine, batch) -> torch.Tensor:
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
 
 
 def test_cuda_serving_answers_equal_the_cpus(small_real):
@@ -82,11 +108,12 @@ def test_encoders_batched_throughput_on_the_gpu(small_real):
     """Clips per second of the Whisper-base encoder, batch 32, fp32 and bf16 (printed; bf16 must agree)."""
     from mmm.encoders import AudioEncoder
 
-    enc = AudioEncoder(small_real.audio).cuda()
+    enc = AudioEncoder(dataclasses.replace(small_real.audio, window_batch=32)).cuda()
     waves = [np.random.default_rng(i).normal(0, 0.1, 16000 * 3).astype(np.float32) for i in range(32)]
     reference = enc.encode(waves)
     for dtype in (torch.float32, torch.bfloat16):
         enc.encoder.to(dtype)
+        enc.encode(waves[:4])  # warm-up: kernels chosen for this dtype
         torch.cuda.synchronize()
         t = time.time()
         feats = enc.encode(waves)
@@ -94,3 +121,32 @@ def test_encoders_batched_throughput_on_the_gpu(small_real):
         print(f"whisper-base encoder {dtype}: {len(waves) / (time.time() - t):.1f} clips/s")
         cos = torch.nn.functional.cosine_similarity(feats[0].flatten(), reference[0].flatten(), dim=0)
         assert cos > 0.99
+
+
+@pytest.mark.parametrize("name", ["openai/whisper-small", "google/siglip-base-patch16-384"])
+def test_paper_encoders_batched_throughput_on_the_gpu(name):
+    """Items per second of the paper's encoders at their real sizes (random weights, built from the
+    public configs in mmm/model_configs), batch 32, fp32 and bf16: what the features job can expect."""
+    from mmm.config import AudioConfig, VisionConfig
+    from mmm.encoders import AudioEncoder, VisionEncoder
+    from mmm.model_configs import hf_config
+
+    rng = np.random.default_rng(0)
+    if "whisper" in name:
+        enc = AudioEncoder(AudioConfig(window_batch=32), architecture=hf_config(name)).cuda()
+        items = [rng.normal(0, 0.1, 16000 * 30).astype(np.float32) for _ in range(32)]
+        unit = "30 s clips"
+    else:
+        enc = VisionEncoder(VisionConfig(), architecture=hf_config(name)).cuda()
+        items = [Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)) for _ in range(32)]
+        unit = "384 px images"
+    module = enc.encoder if "whisper" in name else enc.tower
+    for dtype in (torch.float32, torch.bfloat16):
+        module.to(dtype)
+        enc.encode(items[:4])  # warm-up: kernels chosen, memory allocated
+        torch.cuda.synchronize()
+        t = time.time()
+        feats = enc.encode(items)
+        torch.cuda.synchronize()
+        print(f"{name} {dtype}: {len(items) / (time.time() - t):.1f} {unit}/s")
+        assert all(torch.isfinite(f).all() for f in feats)
