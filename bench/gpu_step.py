@@ -2,7 +2,8 @@
 
 Run by ``bench/gpu_checks.sh profile`` on a lent GPU machine. Prints steps/s at 1, 16 and 64
 dialogues a step (flat means the step is bound by per-op overhead, not by the GPU's arithmetic),
-then the profiler's top ops of one 16-dialogue step and its count of CUDA kernel launches.
+with the packed attention per sample and as one varlen call a layer, side by side; then the
+profiler's top ops of one 16-dialogue step (varlen) and its count of CUDA kernel launches.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def steps_per_second(engine, batch, steps: int = 10) -> float:
 def main() -> None:
     from test_gpu import _cuda_batch, _step
 
+    from mmm import attention
     from mmm.config import preset
     from mmm.lora import LoraSettings
     from mmm.model import MMMModel
@@ -59,9 +61,13 @@ def main() -> None:
     engine = engine_for(model)
     for copies in (1, 16, 64):
         batch = _cuda_batch(model, copies)
-        tokens = int((batch["labels"] != -100).sum()) if "labels" in batch else 0
+        tokens = int((batch["labels"] != -100).sum())
+        rates = {}
+        for varlen in (False, True, False, True):  # alternated: the machine's clocks drift
+            attention.VARLEN_ON_CUDA = varlen
+            rates.setdefault(varlen, []).append(steps_per_second(engine, batch))
         print(f"{copies:3d} dialogues a step ({tuple(batch['input_ids'].shape)} ids, {tokens} answer tokens): "
-              f"{steps_per_second(engine, batch):.2f} steps/s")
+              f"per-sample SDPA {max(rates[False]):.2f} steps/s, varlen {max(rates[True]):.2f} steps/s")
     batch = _cuda_batch(model, 16)
     from torch.profiler import ProfilerActivity, profile
 

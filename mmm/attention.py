@@ -5,13 +5,18 @@ the resets into a block-diagonal (L x L) mask, so every row pays for attention o
 length, masked blocks included, and loses SDPA's fused causal kernels (they need ``is_causal``
 and no mask). ``packed_sdpa`` instead cuts each row at the resets and runs causal SDPA on each
 sample's slice: the work of running the samples one by one, none of the padding of batching them.
-It is what flash-attention's varlen kernel does on a GPU, written with the ops every device has.
+It is what flash-attention's varlen kernel does on a GPU, written with the ops every device has;
+on a CUDA device in bf16/fp16 that kernel itself runs (torch.nn.attention.varlen), one call a layer.
 
 Rows with a padding mask (batched generation, padded batches) and cached decoding go through
 transformers' own SDPA path unchanged.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import math
 
 import torch
 from torch.nn import functional as F
@@ -29,12 +34,14 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = query.shape[1] // key.shape[1]
+    bounds = _bounds_once(position_ids, query.shape[0], length)
+    if VARLEN_ON_CUDA and dropout == 0.0 and varlen_supported(query, scaling):
+        return varlen_attention(query, key, value, bounds, scaling), None
     rows = []
     # unbind + split, not slicing: a slice's backward writes its gradient into a zeroed copy of the
     # whole input, so ~100 slices per step cost more memset than the attention itself; split's
     # backward is one cat per row. Tiny preset on CPU, 8 x 512-token micro-batches, old and new
     # side by side: fwd + bwd 1.1-1.2x faster; the zero fills were 27% of the old step's CPU time
-    bounds = _bounds_once(position_ids, query.shape[0], length)
     for q, k, v, row_bounds in zip(query.unbind(0), key.unbind(0), value.unbind(0), bounds):
         sizes = [b - a for a, b in row_bounds]
         parts = [
@@ -46,6 +53,55 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+VARLEN_ON_CUDA = True
+"""On a CUDA device in bf16/fp16, run all packed samples in one flash varlen call per layer
+(torch.nn.attention.varlen) instead of one SDPA call per sample: a small LM's training step on a
+GPU is bound by launches, 17 samples x 30 layers of them in small-real's (docs/GPU.md). False
+keeps the per-sample path everywhere (what a benchmark compares against)."""
+
+
+@functools.cache
+def _varlen():
+    """torch's varlen attention and the names this torch version gives its options, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_supported(query: torch.Tensor, scaling) -> bool:
+    found = _varlen()
+    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and found):
+        return False
+    names = found[1]
+    default_scale = scaling is None or math.isclose(scaling, query.shape[-1] ** -0.5)
+    return bool(names & {"window_size", "is_causal"}) and ("scale" in names or default_scale)
+
+
+def varlen_attention(query, key, value, bounds, scaling) -> torch.Tensor:
+    """(B, H, L, D) packed rows -> (B, L, H, D): every sample of every row in one causal varlen call."""
+    varlen_attn, names = _varlen()
+    batch, heads, length, dim = query.shape
+    starts = [r * length + a for r, row in enumerate(bounds) for a, _ in row]
+    cu = torch.tensor([*starts, batch * length], dtype=torch.int32, device=query.device)
+    longest = max(b - a for row in bounds for a, b in row)
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
+    options = {}
+    if heads != k.shape[1]:
+        if "enable_gqa" in names:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+    if "window_size" in names:  # torch >= 2.11 spells causal as a window; 2.10 as is_causal
+        options["window_size"] = (-1, 0)
+    else:
+        options["is_causal"] = True
+    if "scale" in names and scaling is not None:
+        options["scale"] = scaling
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **options).view(batch, length, heads, dim)
 
 
 _last: tuple = (None, -1, None)

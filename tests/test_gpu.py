@@ -150,3 +150,23 @@ def test_paper_encoders_batched_throughput_on_the_gpu(name):
         torch.cuda.synchronize()
         print(f"{name} {dtype}: {len(items) / (time.time() - t):.1f} {unit}/s")
         assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_varlen_attention_equals_the_per_sample_path(monkeypatch):
+    """On CUDA in bf16 the packed attention runs torch's flash varlen kernel once per layer; its
+    output and gradients equal the per-sample SDPA path's (GQA: 9 query heads over 3, as SmolLM2)."""
+    from mmm import attention
+
+    assert attention.varlen_supported(torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16), None)
+    torch.manual_seed(0)
+    positions = torch.cat([torch.arange(n) for n in (5, 17, 40, 2)]).repeat(2, 1).cuda()  # 2 rows of 4 samples
+    q = torch.randn(2, 9, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    runs = {}
+    for varlen in (True, False):
+        monkeypatch.setattr(attention, "VARLEN_ON_CUDA", varlen)
+        out, _ = attention.packed_sdpa(None, q, k, v, None, position_ids=positions)
+        runs[varlen] = (out, torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=2e-2, rtol=2e-2)
+    for mine, theirs in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(mine, theirs, atol=5e-2, rtol=5e-2)
