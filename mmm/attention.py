@@ -39,9 +39,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return varlen_attention(query, key, value, bounds, scaling), None
     rows = []
     # unbind + split, not slicing: a slice's backward writes its gradient into a zeroed copy of the
-    # whole input, so ~100 slices per step cost more memset than the attention itself; split's
-    # backward is one cat per row. Tiny preset on CPU, 8 x 512-token micro-batches, old and new
-    # side by side: fwd + bwd 1.1-1.2x faster; the zero fills were 27% of the old step's CPU time
+    # whole input; split's backward is one cat per row (docs/PERFORMANCE.md, "Packed attention")
     for q, k, v, row_bounds in zip(query.unbind(0), key.unbind(0), value.unbind(0), bounds):
         sizes = [b - a for a, b in row_bounds]
         parts = [

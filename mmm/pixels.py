@@ -1,10 +1,10 @@
 """SigLIP's pixel values, split in two halves: resize (per image, on CPU) and normalise (batched).
 
-The Hugging Face image processor works image by image: resize, then rescale and normalise each
-as its own float array, with checks in between. For the tiny preset's 32x32 images that costs
-more than the vision tower itself (measured 0.15 ms an image against 0.11 ms for the forward
-pass). Here each image is only resized (by PIL, with the processor's own resample filter, as the
-processor does) to uint8 pixels, and rescale + normalise run once on the stacked batch.
+The Hugging Face image processor works image by image: resize, then rescale and normalise each as
+its own float array, with checks in between. For the tiny preset's 32x32 images that costs more
+than the vision tower itself (docs/PERFORMANCE.md, "Pixels"). Here each image is only resized (by
+PIL, with the processor's own resample filter, as the processor does) to uint8 pixels, and rescale
++ normalise run once on the stacked batch.
 
 The split is also where a pipeline cuts: the resized uint8 pixels are what a CPU decode stage
 hands to the encoder actors (a quarter of the float32 bytes), and the actor, on a GPU, only

@@ -126,7 +126,7 @@ class EncodeMedia:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Column-wise: a whole-batch to_pylist/from_pylist round trip costs more than encoding a
-        # tiny image (measured 0.27 vs 0.19 ms an item), so only the small columns become lists.
+        # tiny image (docs/PERFORMANCE.md, "Feature store batches"), so only the small columns become lists.
         require(batch, self.NEEDS, type(self).__name__)
         n, errors = len(batch), batch["error"].to_pylist()
         out = {"status": ["error" if e is not None else None for e in errors], "stage": batch["stage"].to_pylist(),

@@ -3,7 +3,7 @@ decode steps and leave it as soon as they finish.
 
 ``@serve.batch`` forms a group as soon as its wait timeout passes, even while the previous batch is
 still generating; with ``max_concurrent_batches=1`` those small groups then queue up behind it
-(measured: 16 concurrent clients were decoded 1.5-2 at a time). So the deployment lets many groups
+(docs/PERFORMANCE.md, "Serving: one decode loop"). So the deployment lets many groups
 in at once and this class owns the one decode loop of the replica: before each step it admits the
 waiting groups that fit (prepare -> prefill -> merge into the running decoder), then steps every
 row, sends each request its events, and drops finished rows. A lone request starts at once.

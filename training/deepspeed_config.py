@@ -1,6 +1,6 @@
 """DeepSpeed config, optimizer and lr schedule, all derived from a :class:`TrainConfig`.
 
-Decisions (measured on the 2-core CPU box, see training/loop.py's docstring for figures):
+Decisions:
 
 * The optimizer is built here and handed to ``deepspeed.initialize`` as a client optimizer, not
   named in the JSON. Without offload that is ``torch.optim.AdamW`` (fused on CUDA), which needs no
