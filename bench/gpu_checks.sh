@@ -11,22 +11,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What the GPU image lacks or holds at another version than .venv (transformers 5.25 needs
-# huggingface_hub 2.x, which needs httpx2); deepspeed ships only as an sdist, so it is wheeled here.
-WHEELS="transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
-click==8.5.1 hf-xet==1.8.0 peft==0.21.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-typing-inspection==0.4.5 hjson==3.1.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 soxr==1.1.0
-kernels==0.19.1 tomlkit==0.14.0"
+# What the GPU image lacks or holds at another version than .venv (transformers 5.x needs
+# huggingface_hub 2.x, which needs httpx2; transformers needs `kernels` to load on CUDA), at the
+# versions .venv has; deepspeed ships only as an sdist, so it is wheeled here.
+PACKAGES="transformers huggingface_hub httpx2 httpcore2 truststore click hf-xet kernels tomlkit peft pydantic
+pydantic-core annotated-types typing-inspection hjson soundfile cffi pycparser soxr"
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
 --platform manylinux2014_x86_64"
 
 prepare() {
-    local py=.venv/bin/python weights=${MMM_WEIGHTS_DIR:-$HOME/.cache/mmm/weights}
+    local py=.venv/bin/python weights=${MMM_WEIGHTS_DIR:-$HOME/.cache/mmm/weights} pinned
+    rm -rf .whl .gpu
     mkdir -p .whl .gpu/weights
     # shellcheck disable=SC2086
+    pinned=$($py -c "import sys; from importlib.metadata import version
+print(' '.join(f'{n}=={version(n)}' for n in sys.argv[1:]))" $PACKAGES)
+    # shellcheck disable=SC2086
     $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        $PLATFORMS -d .whl $WHEELS
-    $py -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+        $PLATFORMS -d .whl $pinned
+    $py -m pip wheel -q --no-deps -w .whl "deepspeed==$($py -c 'from importlib.metadata import version; print(version("deepspeed"))')"
     for name in whisper-base smollm2-135m-instruct; do
         mkdir -p ".gpu/weights/$name"
         find "$weights/$name" -maxdepth 1 -type f ! -name model.safetensors -exec cp {} ".gpu/weights/$name/" \;
