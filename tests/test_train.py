@@ -231,6 +231,39 @@ def test_loss_falls(stage2):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+def _many_parts(work: Path, parts: int = 8) -> Path:
+    """The test data root with its dialogues cut into ``parts`` Parquet files: blocks for Ray Data to hand out."""
+    root = work / f"data_{parts}_parts"
+    if not root.exists():
+        (root / "dialogues").mkdir(parents=True)
+        for name in ("features", "media.parquet"):
+            (root / name).symlink_to(work / "data" / name)
+        table = pq.read_table(work / "data" / "dialogues")
+        size = -(-table.num_rows // parts)
+        for i in range(parts):
+            pq.write_table(table.slice(i * size, size), root / "dialogues" / f"part-{i}.parquet")
+    return root
+
+
+@pytest.mark.timeout(900)
+def test_a_rerun_with_the_same_seed_trains_the_same_model(stage1, work):
+    """Two stage-2 runs of jobs/finetune.py, same seed and workers, over dialogues in eight files: the
+    same losses at every step and the same weights at the end (``data.preserve_order``)."""
+    from mmm.model import MMMModel
+
+    data, runs = _many_parts(work), []
+    for name in ("rerun-a", "rerun-b"):
+        finetune_job.main(["--data", str(data), f"model.init={stage1.final}", f"run.output_dir={work / name}",
+                           f"run.storage_path={work / 'ray'}", f"run.name={name}", "train.max_steps=4",
+                           "train.log_every=1", "data.shuffle_buffer=16", "run.progress=false", "run.max_failures=0"])
+        log = read_jsonl(str(work / name / "metrics.jsonl"))
+        model = MMMModel.from_pretrained(str(work / name / "final"), expect_phase="stage2")
+        runs.append(([r["loss"] for r in log if "loss" in r], _state(model)))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert len(losses_a) == 4 and losses_a == losses_b, (losses_a, losses_b)
+    assert _equal(state_a, state_b), "the same seed, data and workers must end with the same weights"
+
+
 def test_stage2_refuses_a_checkpoint_of_another_phase(stage2, work):
     for wrong in (stage2.final, work / "missing"):
         with pytest.raises((CheckpointError, FileNotFoundError), match="stage1|not an MMM checkpoint"):

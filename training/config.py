@@ -60,6 +60,11 @@ class DataSection:
     """Rows of this split are trained on; the eval split is held out for jobs/evaluate.py."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer; cheap, and reshuffled every epoch with a new seed."""
+    preserve_order: bool = True
+    """Ray Data hands the workers their blocks in a fixed order, so a rerun with the same seed and
+    worker count trains on the same rows in the same order and ends with the same model. False lets
+    blocks go to whichever worker asks first: ingest never waits on a slow block, at the price of a
+    run that cannot be repeated."""
     replay: float = 0.0
     """Stage 2: stage 1's caption/transcript pairs mixed into the training rows, as a fraction of the
     dialogues (0.5: one pair for every two dialogues; needs ``data.media``). Rehearsal: what only

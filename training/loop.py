@@ -101,8 +101,18 @@ def fit(cfg: TrainConfig, hooks: TrainHooks, datasets: dict[str, Any], resume: b
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": env}),
         datasets=datasets,
+        dataset_config=_data_config(cfg),
     )
     return trainer.fit()
+
+
+def _data_config(cfg: TrainConfig):
+    """Ray Train's default ingest, with the block order that ``data.preserve_order`` asks for."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    return ray.train.DataConfig(execution_options=options)
 
 
 def _resolved(cfg: TrainConfig, resume: bool) -> TrainConfig:
