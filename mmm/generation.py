@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from .decode_step import decode_step_for
 from .spans import default_positions
 
 
@@ -122,8 +123,12 @@ class StepDecoder:
     """Rows ``(ids, image_features, audio_features)`` decoded in lockstep; ``past[i]`` (optional)
     is a KV prefix row i reuses."""
 
-    def __init__(self, model, prompts, params: Sequence, past: Sequence[Past | None] | None = None) -> None:
+    def __init__(self, model, prompts, params: Sequence, past: Sequence[Past | None] | None = None,
+                 lean_step: bool = True) -> None:
         self.model, self.params = model, list(params)
+        # Prefill is the LM's own forward; each one-token step after it takes the lean path when
+        # the LM is a plain Llama (mmm/decode_step.py), with the same arithmetic and fewer ops.
+        self.lean = decode_step_for(model.llm) if lean_step else None
         self.device = next(model.llm.parameters()).device
         self.stop_ids = set(model.stop_ids)
         self.gens = [self._generator(p.seed) for p in self.params]
@@ -174,9 +179,13 @@ class StepDecoder:
         # With no left padding the causal mask of a one-token step hides nothing: None lets the LM
         # skip building a (B, 1, 1, L) mask every step
         mask = self.mask if self.padded else None
-        out, self.cache = lm_call(self.model.llm, self.cache, input_ids=self.pending[:, None], attention_mask=mask,
-                                  position_ids=self.positions)
-        self.logits, self.pending = out.logits[:, -1], None
+        if self.lean is not None:
+            self.logits = self.lean(self.pending, self.positions, mask, self.cache)
+        else:
+            out, self.cache = lm_call(self.model.llm, self.cache, input_ids=self.pending[:, None], attention_mask=mask,
+                                      position_ids=self.positions)
+            self.logits = out.logits[:, -1]
+        self.pending = None
 
     @torch.no_grad()
     def step(self) -> list[int | None]:
