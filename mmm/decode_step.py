@@ -28,7 +28,18 @@ def decode_step_for(llm) -> "LlamaDecodeStep | None":
         return None
     plain = (cfg.hidden_act == "silu" and not getattr(cfg, "attention_bias", False)
              and not getattr(cfg, "mlp_bias", False) and getattr(cfg, "pretraining_tp", 1) == 1)
-    return LlamaDecodeStep(llm) if plain else None
+    return LlamaDecodeStep(llm) if plain and _stock_modules(llm) else None
+
+
+def _stock_modules(llm) -> bool:
+    """Every weight the step reads sits in a stock torch module: an adapter injected in place (a
+    LoRA layer around ``q_proj``, trainable token rows around ``embed_tokens``) keeps the class
+    name ``LlamaForCausalLM`` but adds arithmetic that reading ``.weight`` would skip."""
+    linears = [llm.lm_head]
+    for layer in llm.model.layers:
+        linears += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    return type(llm.model.embed_tokens) is torch.nn.Embedding and all(type(m) is torch.nn.Linear for m in linears)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

@@ -75,3 +75,15 @@ def test_other_lms_keep_their_own_forward():
     assert decode_step_for(LlamaForCausalLM(LlamaConfig(**small, attention_bias=True))) is None
     assert decode_step_for(LlamaForCausalLM(LlamaConfig(**small, hidden_act="gelu"))) is None
     assert decode_step_for(MistralForCausalLM(MistralConfig(**small))) is None
+
+
+def test_a_llama_with_adapters_keeps_its_own_forward():
+    """LoRA and trainable token rows, wrapped (the PeftModel) or seen through the model they were
+    injected into (still a ``LlamaForCausalLM``): the step would read the base weights only."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    for adapter in (LoraConfig(r=4, target_modules=["q_proj"]), LoraConfig(r=4, target_modules=["lm_head"]),
+                    LoraConfig(r=4, target_modules=["down_proj"], trainable_token_indices=[3])):
+        wrapped = get_peft_model(LlamaForCausalLM(cfg), adapter)
+        assert decode_step_for(wrapped) is None and decode_step_for(wrapped.get_base_model()) is None
