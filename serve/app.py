@@ -25,8 +25,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import RequestLimits, ServeArgs
 from .engine import resolve_checkpoint
 from .errors import APIError, unavailable
+from .events import Event
 from .openai_schema import ChatRequest, parse_request
 from .responses import completion, sse
+
+INLINE_PARSE_BYTES = 1 << 20
+"""Bodies up to this size are parsed on the event loop (~5 ms at most here, base64 included): a
+worker thread's hand-off would cost a large share of a small request's parse."""
 
 api = FastAPI(title="MMM", docs_url=None, redoc_url=None)
 
@@ -90,6 +95,15 @@ class ChatModel:
             request.cancelled = True
             raise
 
+    async def complete(self, request: ChatRequest) -> Event:
+        """A non-streaming request's one event, its error or its finished answer, as a plain reply:
+        a unary call costs the ingress less than a one-item stream (docs/SERVING.md, "Short calls
+        on the loop"). Cancelled with its caller like ``chat``."""
+        async for event in self.chat(request):
+            if event.final:
+                return event
+        raise RuntimeError("the model replica ended a request without its final event")
+
     def info(self) -> dict:
         return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}
 
@@ -103,6 +117,7 @@ class ChatIngress:
     def __init__(self, model: DeploymentHandle, api_key: str | None, limits: RequestLimits) -> None:
         self.model, self.api_key, self.limits = model, api_key, limits
         self._chat = model.options(stream=True).chat  # every event of a request as it happens
+        self._complete = model.complete  # only the last one
         self._info: dict | None = None
 
     async def _model_info(self) -> dict:
@@ -138,18 +153,28 @@ class ChatIngress:
         self._auth(request)
         body = await self._body(request)
         model_id = (await self._model_info())["id"]
-        req = await asyncio.to_thread(parse_request, body, self.limits, model_id)  # base64 of MBs: off the loop
+        if len(body) <= INLINE_PARSE_BYTES:
+            req = parse_request(body, self.limits, model_id)
+        else:  # base64 of MBs: off the loop
+            req = await asyncio.to_thread(parse_request, body, self.limits, model_id)
         await self._fetch_remote(req)
+        if not req.stream:
+            final = await self._reply(self._complete.remote(req))
+            return JSONResponse(completion(final, model_id))
         events = self._chat.remote(req)
+        await self._reply(events.__anext__())  # the start event, or the request's 4xx before any output
+        return StreamingResponse(sse(events, model_id, req.include_usage), media_type="text/event-stream")
+
+    @staticmethod
+    async def _reply(pending) -> Event:
+        """The model's first (or only) event of a request; its error raised as the request's."""
         try:
-            first = await events.__anext__()
+            event = await pending
         except Exception as e:  # the replica died: a clean 503, never a hang or a bare 500
             raise unavailable(e) or e
-        if first.error is not None:
-            raise first.error
-        if not req.stream:
-            return JSONResponse(completion(first, model_id))
-        return StreamingResponse(sse(events, model_id, req.include_usage), media_type="text/event-stream")
+        if event.error is not None:
+            raise event.error
+        return event
 
     async def _fetch_remote(self, req: ChatRequest) -> None:
         from mmm.media import sniff_modality

@@ -26,6 +26,13 @@ from .events import Event
 from .service import ChatService
 
 _END = object()
+INLINE_S = 0.005
+"""A call of the decode loop (prepare, prefill, step, ...) whose last run of the same kind took
+less than this runs on the event loop instead of a worker thread: the thread's hand-off costs a
+large share of a small LM's step (docs/SERVING.md, "Short calls on the loop"), and a call this
+short holds the loop no longer than the interpreter's GIL switch interval (5 ms) would. Longer
+calls (real LMs on a CPU, media to encode, long prompts) leave the loop free for new requests,
+cancellations and streamed events while they run."""
 _LIVE, _DONE, _STOPPED = 0, 1, 2
 
 
@@ -69,6 +76,7 @@ class Scheduler:
         self.service, self.engine, self.max_rows = service, engine, max_rows
         self._pending: deque[_Group] = deque()
         self._worker: asyncio.Task | None = None
+        self._took: dict[str, float] = {}  # seconds the last call of each kind took
 
     async def submit(self, requests: list) -> AsyncIterator[list]:
         group = _Group(list(requests))
@@ -97,7 +105,7 @@ class Scheduler:
         if not groups:
             return decoder, rows
         requests = [r for g in groups for r in g.requests]
-        prepared = await asyncio.to_thread(self.service.prepare, requests)
+        prepared = await self._call("prepare", self.service.prepare, requests)
         new_rows, k = [], 0
         for g in groups:
             news = {}
@@ -114,17 +122,26 @@ class Scheduler:
                 g.send(news)
         if not new_rows:
             return decoder, rows
-        fresh = await asyncio.to_thread(self.engine.start,
-                                        [self.service.decoder_input(r.job) for r in new_rows],
-                                        [r.job.req.params for r in new_rows])
+        fresh = await self._call("start", self.engine.start, [self.service.decoder_input(r.job) for r in new_rows],
+                                 [r.job.req.params for r in new_rows])
         if decoder is None:
             return fresh, new_rows
-        await asyncio.to_thread(decoder.merge, fresh)
+        await self._call("merge", decoder.merge, fresh)
         return decoder, rows + new_rows
+
+    async def _call(self, kind: str, fn, *args):
+        """``fn(*args)``: on the loop when the last call of this kind was short, else in a thread."""
+        t0 = time.perf_counter()
+        if self._took.get(kind, float("inf")) < INLINE_S:
+            out = fn(*args)
+        else:
+            out = await asyncio.to_thread(fn, *args)
+        self._took[kind] = time.perf_counter() - t0
+        return out
 
     async def _step(self, decoder, rows: list[_Row]) -> list[_Row]:
         t0 = time.perf_counter()
-        tokens = await asyncio.to_thread(decoder.step)
+        tokens = await self._call("step", decoder.step)
         news: dict[int, dict[int, Event]] = {}
         groups: dict[int, _Group] = {}
         keep = []
@@ -136,7 +153,7 @@ class Scheduler:
             if row.job.finish_reason is None:
                 keep.append(r)
         if len(keep) < len(rows):
-            await asyncio.to_thread(decoder.keep, keep)
+            await self._call("keep", decoder.keep, keep)
         self.service.record_step(len(rows), time.perf_counter() - t0)
         for gid, group in groups.items():
             group.send(news[gid])
@@ -150,6 +167,7 @@ class Scheduler:
                     decoder, rows = await self._admit(decoder, rows)
                 if rows:
                     rows = await self._step(decoder, rows)
+                    await asyncio.sleep(0)  # after calls run on the loop: let arrivals and cancellations in
                 if not rows:
                     decoder = None
         except Exception as e:  # a bug in the model path: every caller in flight gets it (a 500)

@@ -327,6 +327,35 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     assert service.stats()["max_batch"] == 3
 
 
+def test_short_calls_run_on_the_loop_and_long_ones_in_threads():
+    """A step whose last run took under INLINE_S runs on the event loop (no thread hand-off);
+    a longer one keeps running in a worker thread."""
+    from serve.scheduler import INLINE_S
+
+    for step_s, on_loop in ((0.0, True), (2 * INLINE_S, False)):
+        engine = FakeEngine()
+        threads = []
+        start = engine.start
+
+        def traced(p, q):
+            dec = start(p, q)
+            dec.step = lambda: threads.append(threading.get_ident()) or time.sleep(step_s) or list(dec.rows)
+            return dec
+
+        engine.start = traced
+        loop_thread = []
+
+        async def probe():
+            loop_thread.append(threading.get_ident())
+
+        asyncio.run(probe())  # asyncio.run's loop runs in this thread
+        out = run(ChatService(engine, FeatureCache(0)), [[req([], max_tokens=6)]])
+        assert out[0][-1].completion_tokens == 6
+        later = threads[1:]  # the first step has no duration to go by: a thread
+        assert threads[0] != loop_thread[0]
+        assert all((t == loop_thread[0]) == on_loop for t in later), (step_s, threads)
+
+
 def test_app_builder_args_checkpoint_discovery_and_deploy_yaml(tmp_path):
     import os
 
