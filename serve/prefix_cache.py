@@ -3,8 +3,9 @@ computed, within a batch's lifetime and across requests.
 
 The OpenAI API is stateless: every turn of a conversation re-sends the whole history, and without
 this each turn re-runs the prefill of everything before it. An entry is one computed sequence (a
-prompt, or a prompt and its reply) with its per-layer KV. A lookup compares the request's *keys*
-with every entry's and returns the longest common prefix: a key is the token id, except inside a
+prompt, or a prompt and its reply) with its per-layer KV. A lookup returns the longest common
+prefix of the request's *keys* and an entry's, found through an index of 16-key blocks (so its cost
+does not grow with the number of entries) and checked key by key: a key is the token id, except inside a
 media span, where every placeholder token's key is derived from the item's content hash, so two
 prompts with the same ids but different images part at the first placeholder of the first
 differing item. An entry whose keys another entry extends is dropped (the longer one answers every
@@ -53,11 +54,29 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+BLOCK = 16
+"""Keys per indexed block: a lookup hashes a prompt's full blocks and compares it only with entries
+that share its deepest one, so its cost does not grow with the number of entries."""
+CANDIDATES = 32
+"""The newest entries sharing a prompt's deepest block that a lookup compares it with, key by key."""
+
+
+def block_chain(keys: np.ndarray) -> list:
+    """Index keys of ``keys``' prefixes: element 0 names its first key, element i the first i full
+    blocks (a chained hash; every match it suggests is checked key by key)."""
+    chain = [("first", int(keys[0]))] if len(keys) else []
+    data, width = keys.tobytes(), BLOCK * keys.itemsize
+    for i in range(len(keys) // BLOCK):
+        chain.append(hash((chain[-1], data[i * width : (i + 1) * width])))
+    return chain
+
+
 @dataclass
 class _Entry:
     keys: np.ndarray
     layers: list
     nbytes: int
+    chain: list
 
 
 class PrefixCache:
@@ -66,6 +85,10 @@ class PrefixCache:
             raise ValueError(f"prefix cache max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._holding: dict = {}
+        """Chain element -> ids of the entries whose keys have that prefix (insertion-ordered)."""
+        self._ending: dict = {}
+        """Chain element -> ids of the entries whose last chain element it is."""
         self._lock = threading.Lock()
         self._next = 0
         self._bytes = 0
@@ -78,13 +101,10 @@ class PrefixCache:
     def lookup(self, keys: np.ndarray) -> Past | None:
         """The longest stored prefix of ``keys``, leaving at least one token to compute (the
         next-token logits come from it); None on a miss."""
+        chain = block_chain(keys)
         with self._lock:
             self.lookup_tokens += len(keys)
-            best, best_n = None, 0
-            for eid, entry in self._entries.items():
-                n = common_prefix(entry.keys, keys)
-                if n > best_n:
-                    best, best_n = eid, n
+            best, best_n = self._longest(keys, chain)
             best_n = min(best_n, len(keys) - 1)
             if best is None or best_n <= 0:
                 self.misses += 1
@@ -96,25 +116,49 @@ class PrefixCache:
 
     def store(self, keys: np.ndarray, layers: list) -> None:
         size = sum(k.element_size() * k.nelement() + v.element_size() * v.nelement() for k, v in layers)
+        chain = block_chain(keys)
         with self._lock:
-            if size > self.max_bytes:
+            if size > self.max_bytes or not chain:
                 return
-            for eid, entry in list(self._entries.items()):
-                n = common_prefix(entry.keys, keys)
-                if n == len(keys):  # already held by a longer (or equal) entry
-                    self._entries.move_to_end(eid)
-                    return
-                if n == len(entry.keys):  # the new one extends it
-                    self._drop(eid)
-            self._entries[self._next] = _Entry(keys, layers, size)
-            self._next += 1
+            held, n = self._longest(keys, chain)
+            if held is not None and n == len(keys):  # already held by a longer (or equal) entry
+                self._entries.move_to_end(held)
+                return
+            for element in chain:  # entries the new one extends
+                for eid in _newest(self._ending.get(element, {})):
+                    if common_prefix(self._entries[eid].keys, keys) == len(self._entries[eid].keys):
+                        self._drop(eid)
+            eid, self._next = self._next, self._next + 1
+            self._entries[eid] = _Entry(keys, layers, size, chain)
+            for element in chain:
+                self._holding.setdefault(element, {})[eid] = None
+            self._ending.setdefault(chain[-1], {})[eid] = None
             self._bytes += size
             while self._bytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
                 self.evictions += 1
 
+    def _longest(self, keys: np.ndarray, chain: list) -> tuple[int | None, int]:
+        """(entry id, common prefix length) of the best match among the newest entries that share
+        ``keys``' deepest indexed prefix; (None, 0) when none shares its first key."""
+        depth = 0
+        while depth < len(chain) and chain[depth] in self._holding:
+            depth += 1
+        if depth == 0:
+            return None, 0
+        best, best_n = None, 0
+        for eid in _newest(self._holding[chain[depth - 1]]):
+            n = common_prefix(self._entries[eid].keys, keys)
+            if n > best_n:
+                best, best_n = eid, n
+        return best, best_n
+
     def _drop(self, eid: int) -> None:
-        self._bytes -= self._entries.pop(eid).nbytes
+        entry = self._entries.pop(eid)
+        self._bytes -= entry.nbytes
+        for element in entry.chain:
+            _discard(self._holding, element, eid)
+        _discard(self._ending, entry.chain[-1], eid)
 
     def stats(self) -> dict:
         with self._lock:
@@ -122,3 +166,20 @@ class PrefixCache:
                     "reused_tokens": self.reused_tokens, "lookup_tokens": self.lookup_tokens,
                     "hit_rate": round(self.reused_tokens / self.lookup_tokens, 4) if self.lookup_tokens else 0.0,
                     "entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes}
+
+
+def _newest(ids: dict) -> list[int]:
+    """The last CANDIDATES ids of an insertion-ordered id set, newest first."""
+    out = []
+    for eid in reversed(ids):
+        out.append(eid)
+        if len(out) == CANDIDATES:
+            break
+    return out
+
+
+def _discard(index: dict, element, eid: int) -> None:
+    ids = index[element]
+    del ids[eid]
+    if not ids:
+        del index[element]

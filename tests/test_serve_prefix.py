@@ -143,3 +143,31 @@ def test_training_dialogues_carry_bare_spans_that_the_renderer_numbers(tiny_mode
     feats = tiny_model.encode_media("image", [image((255, 0, 0))] * len(multi["media_ids"]))
     text = tiny_model.tokenizer.decode(tiny_model.render(multi["messages"], feats).input_ids)
     assert "Image 1: <image>" in text and "Image 2: <image>" in text
+
+
+def test_lookup_cost_does_not_grow_with_entries(monkeypatch):
+    """300 conversations behind one shared system prompt: every lookup and store finds its own
+    conversation's longest prefix (as a scan of every entry would) while comparing keys with at most
+    ``CANDIDATES`` entries."""
+    import serve.prefix_cache as pc
+
+    def kv(n):
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
+
+    rng = np.random.default_rng(0)
+    system = np.arange(40)
+    chats = [np.concatenate([system, rng.integers(1000, 9000, 30)]) for _ in range(300)]
+    cache = PrefixCache(max_bytes=1 << 30)
+    for chat in chats:
+        cache.store(chat, kv(len(chat)))
+    compared = []
+    real = pc.common_prefix
+    monkeypatch.setattr(pc, "common_prefix", lambda a, b: compared.append(1) or real(a, b))
+    for k in (0, 150, 299):
+        turn = np.concatenate([chats[k], rng.integers(1000, 9000, 25)])
+        compared.clear()
+        assert cache.lookup(turn).length == len(chats[k])
+        assert len(compared) <= pc.CANDIDATES
+        cache.store(turn, kv(len(turn)))  # extends chat k: replaces its entry
+    assert cache.stats()["entries"] == 300
+    assert cache.lookup(np.concatenate([system, [7, 7]])).length == len(system)  # shares the system prompt only
