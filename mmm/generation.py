@@ -100,22 +100,33 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def prefill_after(model, prompt, past: Past):
-    """One row's prompt pass on top of a reused prefix: (output, positions (1, L), mask (1, L)).
-    Positions and item numbers come from the whole prompt, so the suffix sees what a full prefill
-    gives it; only the tokens past ``past.length`` go through the LM."""
+def prefill_after(model, prompts, past: Sequence[Past | None]):
+    """The prompt pass of rows on top of reused KV prefixes (None: none), in one LM call: (output,
+    positions (B, L), mask (B, L)). Row i is laid out as its reused prefix, left-padded to the
+    longest one, then the rest of its prompt, left-padded to the longest rest; the mask hides both
+    pads. Positions and item numbers come from each whole prompt, so the new tokens see what a full
+    prefill gives them; only they go through the LM."""
     from transformers import DynamicCache
 
     device = next(model.llm.parameters()).device
-    n = past.length
-    ids = torch.as_tensor(list(prompt[0]), dtype=torch.long, device=device)[None]
-    positions = model.lm_positions(ids, default_positions(ids))
-    embeds = model.embed(ids, list(prompt[1]), list(prompt[2]))[:, n:]
+    reused = [p.length if p is not None else 0 for p in past]
+    ids = [torch.as_tensor(list(p[0]), dtype=torch.long, device=device)[None] for p in prompts]
+    width, rest = max(reused), max(t.shape[1] - n for t, n in zip(ids, reused))
+    embeds, positions, mask = [], [], []
+    for (_, images, audio), t, n in zip(prompts, ids, reused):
+        pos, ones = model.lm_positions(t, default_positions(t)), torch.ones_like(t)
+        embeds.append(_pad_left(model.embed(t, list(images), list(audio))[:, n:], rest, 1))
+        positions.append(torch.cat([_pad_left(pos[:, :n], width, 1), _pad_left(pos[:, n:], rest, 1)], 1))
+        mask.append(torch.cat([_pad_left(ones[:, :n], width, 1), _pad_left(ones[:, n:], rest, 1)], 1))
+    positions, mask = torch.cat(positions), torch.cat(mask)
+    shapes = next(p for p in past if p is not None).layers  # a row without a prefix gets zeros, masked
     cache = DynamicCache()
-    for i, (k, v) in enumerate(past.layers):
-        cache.update(k[:, :, :n], v[:, :, :n], i)
-    mask = torch.ones_like(ids)
-    out, _ = lm_call(model.llm, cache, inputs_embeds=embeds, attention_mask=mask, position_ids=positions[:, n:])
+    for i, (k0, v0) in enumerate(shapes):
+        keys = [_pad_left((p.layers[i][0] if p is not None else k0)[:, :, :n], width, 2) for p, n in zip(past, reused)]
+        values = [_pad_left((p.layers[i][1] if p is not None else v0)[:, :, :n], width, 2) for p, n in zip(past, reused)]
+        cache.update(torch.cat(keys), torch.cat(values), i)
+    out, _ = lm_call(model.llm, cache, inputs_embeds=torch.cat(embeds), attention_mask=mask,
+                     position_ids=positions[:, width:])
     return out, positions, mask
 
 
@@ -133,22 +144,12 @@ class StepDecoder:
         self.stop_ids = set(model.stop_ids)
         self.gens = [self._generator(p.seed) for p in self.params]
         self.pending: torch.Tensor | None = None  # (B,)
-        past = list(past) if past is not None else [None] * len(prompts)
-        fresh = [i for i, p in enumerate(past) if p is None or p.length == 0]
-        parts, order = [], []
+        past = [p if p is not None and p.length > 0 else None for p in (past or [None] * len(prompts))]
         with torch.no_grad():
-            if fresh:
-                parts.append(model.prefill([prompts[i] for i in fresh]))
-                order += fresh
-            for i, p in enumerate(past):
-                if i not in fresh:
-                    parts.append(prefill_after(model, prompts[i], p))
-                    order.append(i)
-        self._set(*parts[0])
-        for out, positions, mask in parts[1:]:
-            self._append(cache_of(out), mask, positions[:, -1:], out.logits[:, -1])
-        if order != sorted(order):
-            self._select([order.index(i) for i in range(len(order))])
+            if any(p is not None for p in past):
+                self._set(*prefill_after(model, prompts, past))
+            else:
+                self._set(*model.prefill(prompts))
 
     def _set(self, out, positions, mask) -> None:
         self.cache, self.logits, self.mask = cache_of(out), out.logits[:, -1], mask  # logits (B, V); mask (B, L)
@@ -202,10 +203,10 @@ class StepDecoder:
 
     def row_kv(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the KV of row ``row``'s last ``length`` fed tokens, per layer (1, H, length, D):
-        what a prefix cache keeps (copies, so the batch's tensors can be freed)."""
-        width = self.mask.shape[1]
-        return [(layer.keys[row : row + 1, :, width - length :].clone(),
-                 layer.values[row : row + 1, :, width - length :].clone()) for layer in self.cache.layers]
+        what a prefix cache keeps (copies, so the batch's tensors can be freed). Pads inside the row
+        (a reused prefix's, see ``prefill_after``) are skipped."""
+        cols = self.mask[row].nonzero()[-length:, 0]
+        return [(layer.keys[row : row + 1, :, cols], layer.values[row : row + 1, :, cols]) for layer in self.cache.layers]
 
     def fed(self, row: int) -> int:
         """How many tokens of row ``row`` the cache holds."""

@@ -171,3 +171,30 @@ def test_lookup_cost_does_not_grow_with_entries(monkeypatch):
         cache.store(turn, kv(len(turn)))  # extends chat k: replaces its entry
     assert cache.stats()["entries"] == 300
     assert cache.lookup(np.concatenate([system, [7, 7]])).length == len(system)  # shares the system prompt only
+
+
+def test_rows_with_different_reused_prefixes_prefill_together(tiny_model):
+    """Three prompts started together, two reusing cached prefixes of different lengths and one
+    with none, decode exactly as each does alone without the cache (one batched LM call)."""
+    from mmm.generation import StepDecoder
+
+    on, off = MMMEngine(tiny_model, prefix_bytes=64 << 20), MMMEngine(tiny_model, prefix_bytes=0)
+    feats, hashes = _media(tiny_model, [(255, 0, 0), (0, 0, 255)], clips=[1.0])
+    images, clip = feats[:2], feats[2:]
+    chats = [_chat(3), _chat(1), [{"role": "user", "content": "and with no media at all, what then?"}]]
+    shown = [[images[0], clip[0], images[1]], [images[0]], []]  # in order of appearance, as rendered
+    split = [([images[0], images[1]], clip, [hashes[0], hashes[2], hashes[1]]), ([images[0]], [], hashes[:1]),
+             ([], [], [])]
+    prompts = {name: [Prompt(e.render(c, f), imgs, auds, h) for c, f, (imgs, auds, h) in zip(chats, shown, split)]
+               for name, e in (("on", on), ("off", off))}
+    _decode(on, Prompt(on.render(_chat(2), shown[0][:2]), [images[0]], clip, [hashes[0], hashes[2]]))
+    _decode(on, Prompt(on.render(_chat(1), shown[1]), [images[0]], [], hashes[:1]))  # shorter prefixes cached
+    keys = [prompt_keys(p.ids, p.media, tiny_model.pad_ids.values()) for p in prompts["on"]]
+    past = [on.prefix.lookup(keys[0]), on.prefix.lookup(keys[1]), None]
+    assert past[0].length > past[1].length > 0
+    together = StepDecoder(tiny_model, [(p.ids, p.images, p.audio) for p in prompts["on"]], [GREEDY] * 3, past)
+    steps = [together.step() for _ in range(6)]
+    for row, prompt in enumerate(prompts["off"]):
+        alone, logits = _decode(off, prompt)
+        assert [s[row] for s in steps] == alone
+    torch.testing.assert_close(together.logits[2], logits[0], atol=1e-4, rtol=1e-4)
