@@ -343,17 +343,12 @@ def test_short_calls_run_on_the_loop_and_long_ones_in_threads():
             return dec
 
         engine.start = traced
-        loop_thread = []
-
-        async def probe():
-            loop_thread.append(threading.get_ident())
-
-        asyncio.run(probe())  # asyncio.run's loop runs in this thread
+        loop_thread = threading.get_ident()  # run() drives the loop with asyncio.run, in this thread
         out = run(ChatService(engine, FeatureCache(0)), [[req([], max_tokens=6)]])
         assert out[0][-1].completion_tokens == 6
         later = threads[1:]  # the first step has no duration to go by: a thread
-        assert threads[0] != loop_thread[0]
-        assert all((t == loop_thread[0]) == on_loop for t in later), (step_s, threads)
+        assert threads[0] != loop_thread
+        assert all((t == loop_thread) == on_loop for t in later), (step_s, threads)
 
 
 def test_app_builder_args_checkpoint_discovery_and_deploy_yaml(tmp_path):
