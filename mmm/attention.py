@@ -37,6 +37,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     bounds = _bounds_once(position_ids, query.shape[0], length)
     if VARLEN_ON_CUDA and dropout == 0.0 and varlen_supported(query, scaling):
         return varlen_attention(query, key, value, bounds, scaling), None
+    out_dtype = query.dtype
+    if query.device.type == "cpu" and out_dtype == torch.bfloat16:
+        # SDPA's CPU kernels in bf16 run the backward ~4x slower than in fp32; the matmuls around
+        # them are what bf16 speeds up (docs/PERFORMANCE.md, "bf16 on CPUs")
+        query, key, value = query.float(), key.float(), value.float()
     rows = []
     # unbind + split, not slicing: a slice's backward writes its gradient into a zeroed copy of the
     # whole input; split's backward is one cat per row (docs/PERFORMANCE.md, "Packed attention")
@@ -50,7 +55,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).to(out_dtype).contiguous(), None
 
 
 VARLEN_ON_CUDA = True

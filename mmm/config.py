@@ -162,6 +162,9 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seed: int = 0
     """Seed for random-init parts; the tiny preset is the same model on every machine."""
+    encoders_bf16: str | bool = "auto"
+    """The frozen encoders' precision in feature extraction: ``auto`` is bf16 where the device
+    computes it natively (mmm/precision.py), fp32 elsewhere. Features are stored in fp16 either way."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,6 +201,8 @@ def _tiny() -> ModelConfig:
     # The two binding aids (mmm/spans.py): a from-scratch LM needs them to tell items apart
     return ModelConfig(
         preset="tiny",
+        # the tiny towers are too small for bf16 to pay, and the demo's figures are fp32 features'
+        encoders_bf16=False,
         audio=AudioConfig(window_seconds=5.0),
         projector=ProjectorConfig(item_ordinals=8),
         # 8192 tokens hold an MMDU-sized chat (27 turns, 20 images, 10 clips) or a 10-minute clip

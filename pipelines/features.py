@@ -68,7 +68,9 @@ class FeatureModel:
     checked when the job starts, so a misspelt field is an error that names it."""
 
     def __post_init__(self) -> None:
-        self.config()  # fail at parse time, not in an actor
+        from mmm.precision import resolve_bf16
+
+        resolve_bf16(self.config().encoders_bf16, "cpu", "model.overrides.encoders_bf16")  # fail at parse time, not in an actor
 
     def config(self) -> ModelConfig:
         """The preset with the overrides; a ``pretrained`` that is an existing local path made absolute."""
@@ -113,11 +115,13 @@ class EncodeMedia:
         import torch
 
         from mmm.encoders import build_encoders
+        from mmm.precision import resolve_bf16
 
         set_torch_threads(num_cpus)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if resolve_bf16(model.encoders_bf16, device, "model.overrides.encoders_bf16") else torch.float32
         vision, audio = build_encoders(model)
-        self.encoders = {IMAGE: vision.to(device), AUDIO: audio.to(device)}
+        self.encoders = {IMAGE: vision.to(device, dtype), AUDIO: audio.to(device, dtype)}
         index = FeatureStore(store_uri, storage).index()
         self.done = {
             m: set(index.filter(pc.equal(index["encoder"], enc.name))["media_id"].to_pylist())

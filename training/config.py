@@ -116,7 +116,8 @@ class DeepSpeedSection:
     """Optimizer state and step on CPU (DeepSpeedCPUAdam, a JIT-built op: 40-110 s once, then cached
     in TORCH_EXTENSIONS_DIR). Saves GPU memory for 7B models; pointless on CPU-only workers."""
     bf16: str | bool = "auto"
-    """auto: bf16 on GPUs that support it, fp32 on CPU (CPU bf16 matmuls are slow without AMX)."""
+    """auto: bf16 where the worker's device computes it natively (a GPU with bf16, a CPU with bf16
+    instructions), fp32 elsewhere (mmm/precision.py)."""
 
 
 @dataclass

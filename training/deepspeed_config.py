@@ -7,9 +7,9 @@ Decisions:
   DeepSpeed op; naming "AdamW" in the JSON would make DeepSpeed JIT-build ``fused_adam``.
 * With ``offload_optimizer`` the step runs on CPU in ``DeepSpeedCPUAdam`` (ZeRO-Offload refuses a
   plain torch optimizer). That op is JIT-compiled on first use and cached in TORCH_EXTENSIONS_DIR.
-* bf16 ``auto`` means bf16 on GPUs that support it and fp32 otherwise (CPU bf16 matmuls are slow
-  without AMX and buy nothing on 2 cores). fp16 is never used: it needs loss scaling and bf16-capable
-  hardware is what the paper trained on.
+* bf16 ``auto`` means bf16 where the worker's device computes it natively (a GPU with bf16, a CPU
+  with bf16 instructions: mmm/precision.py) and fp32 elsewhere. fp16 is never used: it needs loss
+  scaling and bf16-capable hardware is what the paper trained on.
 * The lr schedule is a torch ``LambdaLR`` that DeepSpeed steps once per optimizer step and saves in
   its checkpoints.
 """
@@ -21,18 +21,14 @@ from typing import Any, Iterable
 
 import torch
 
+from mmm.precision import resolve_bf16
 from training.config import TrainConfig
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
     """Resolve ``deepspeed.bf16`` on this worker's hardware."""
-    want = cfg.deepspeed.bf16
-    cuda_bf16 = cfg.resources.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if want == "auto":
-        return bool(cuda_bf16)
-    if want and cfg.resources.use_gpu and not cuda_bf16:
-        raise ValueError("deepspeed.bf16=true but this GPU has no bf16; use deepspeed.bf16=auto")
-    return bool(want)
+    device = "cuda" if cfg.resources.use_gpu else "cpu"
+    return resolve_bf16(cfg.deepspeed.bf16, device, "deepspeed.bf16")
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:

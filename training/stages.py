@@ -156,6 +156,10 @@ def _storage_options(cfg: TrainConfig) -> dict | None:
 def export(model, path: str, cfg: TrainConfig) -> None:
     """Rank 0: the final model in HF layout, into ``<output_dir>/final`` (the loop offers ``.../model``)."""
     final = os.path.join(os.path.dirname(path), FINAL)
+    if not cfg.resources.use_gpu:
+        # a CPU run's checkpoint is read by CPU evaluation, stage 2 and serving, which compute in
+        # fp32: the bf16 copy DeepSpeed trained goes back to fp32 (GPU runs keep bf16: half the bytes)
+        model.float()
     model.eval().save_pretrained(final, phase=PHASE[cfg.stage])
     with open(os.path.join(final, "train_config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
