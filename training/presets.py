@@ -64,12 +64,13 @@ def _small_real() -> PresetDefaults:
     common = dict(grad_accum=1, schedule="cosine", min_lr_ratio=0.05, log_every=10)
     cpu = ResourcesSection(num_workers=2, use_gpu=False, cpus_per_worker=1.0)
     return PresetDefaults(
-        # rows of 256 tokens hold ~4 transcript pairs: 2 workers x 2 rows ~ 16 pairs a step, ~6.4 s a
-        # step on 2 cores. Transcription is learned here, so stage 1 takes most of the 20 minutes;
+        # rows of 256 tokens hold ~4 transcript pairs: 2 workers x 2 rows ~ 16 pairs a step, ~2.1 s a
+        # step on 2 cores with bf16 instructions (3.2-6.8 s without: there 160 steps fit 20 minutes).
+        # Transcription is learned here and grows with the pairs seen, so stage 1 takes most of the 20 minutes;
         # stage 2 is short and gentle (at lr 1e-3 for 40 steps it taught the dialogues but undid
         # transcription) and replays one stage-1 pair for every two dialogues, which kept more of
         # the transcription and the "no speech" answers (docs/LEARNING.md, "small-real")
-        pretrain=StageDefaults(OptimSection(max_steps=160, lr=5e-3, warmup_steps=10, micro_batch_size=2,
+        pretrain=StageDefaults(OptimSection(max_steps=480, lr=5e-3, warmup_steps=10, micro_batch_size=2,
                                             context_length=256, checkpoint_every=80, **common),
                                llm="frozen", resources=cpu),
         finetune=StageDefaults(OptimSection(max_steps=20, lr=3e-4, warmup_steps=3, micro_batch_size=1,
