@@ -209,13 +209,16 @@ def test_config_layers_and_clear_errors(tmp_path):
             load_config("pretrain", None, bad)
 
 
-def test_deepspeed_config_is_derived_from_the_typed_config():
+def test_deepspeed_config_is_derived_from_the_typed_config(monkeypatch):
+    from mmm import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     cfg = load_config("finetune", overrides=["model.preset=mistral", "resources.use_gpu=false", "train.micro_batch_size=1", "train.grad_accum=6",
                                              "resources.num_workers=2", "deepspeed.offload_optimizer=true"])
     ds = deepspeed_config(cfg)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (12, 1, 6)
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["bf16"]["enabled"] is False  # auto on CPU workers
+    assert ds["bf16"]["enabled"] is False  # auto on CPU workers without bf16 instructions
     assert (cfg.train.lr, cfg.train.schedule, cfg.train.context_length) == (2e-5, "constant", 8192)  # the paper's stage 2
     assert {lr_lambda(cfg)(s) for s in (0, 100, 999)} == {1.0}
     warm = load_config("pretrain", overrides=["train.warmup_steps=4", "train.max_steps=10", "train.schedule=cosine"])
