@@ -68,13 +68,13 @@ class Demo:
 
 DEMOS = {
     "tiny": Demo("tiny", "outputs/demo"),
-    # 1000 spoken phrases (500 a language, one in eight held out) carry the transcription; 100
-    # shapes and 60 beep clips keep the other kinds in training while three in four of stage 1's
-    # pairs are transcripts. Pretrained Whisper encodes a 30 s window per clip whatever its length
-    # (~2 s of one core here), so the clip count sets the features step's time; an answer costs a
+    # 2000 spoken phrases (1000 a language, one in eight held out) carry the transcription: stage 1
+    # memorised 1000 of them (loss 0.02) and read held-out ones worse; 100 shapes and 60 beep clips
+    # keep the other kinds in training. Pretrained Whisper encodes a 30 s window per clip whatever
+    # its length (~0.4-2 s of one core), so the clip count sets the features step's time; an answer costs a
     # 135M-parameter LM's decode, so 50 dialogues a split are scored (docs/LEARNING.md, "small-real")
     "small-real": Demo("small-real", "outputs/demo-real", weights=True, synthesize=(
-        "offline.speech=true", "offline.num_speech=1000", "offline.num_images=100", "offline.num_audio=60",
+        "offline.speech=true", "offline.num_speech=2000", "offline.num_images=100", "offline.num_audio=60",
         "dialogues.num_dialogues=2000", "dialogues.speech_rate=0.5"), evaluate=("max_dialogues=50",)),
 }
 
