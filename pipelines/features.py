@@ -70,7 +70,8 @@ class FeatureModel:
     def __post_init__(self) -> None:
         from mmm.precision import resolve_bf16
 
-        resolve_bf16(self.config().encoders_bf16, "cpu", "model.overrides.encoders_bf16")  # fail at parse time, not in an actor
+        # fail at parse time, not in an actor
+        resolve_bf16(self.config().encoders_bf16, "cpu", "model.overrides.encoders_bf16")
 
     def config(self) -> ModelConfig:
         """The preset with the overrides; a ``pretrained`` that is an existing local path made absolute."""
@@ -119,7 +120,8 @@ class EncodeMedia:
 
         set_torch_threads(num_cpus)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if resolve_bf16(model.encoders_bf16, device, "model.overrides.encoders_bf16") else torch.float32
+        bf16 = resolve_bf16(model.encoders_bf16, device, "model.overrides.encoders_bf16")
+        dtype = torch.bfloat16 if bf16 else torch.float32
         vision, audio = build_encoders(model)
         self.encoders = {IMAGE: vision.to(device, dtype), AUDIO: audio.to(device, dtype)}
         index = FeatureStore(store_uri, storage).index()
