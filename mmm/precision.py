@@ -48,13 +48,18 @@ def native_bf16(device: str | torch.device) -> bool:
     return kind == "cpu" and cpu_has_bf16()
 
 
+def check_bf16(setting: str | bool, what: str) -> None:
+    """A config's ``bf16`` is ``auto``, true or false; anything else is an error naming ``what``."""
+    if setting not in ("auto", True, False):
+        raise ValueError(f"{what} must be auto, true or false, got {setting!r}")
+
+
 def resolve_bf16(setting: str | bool, device: str | torch.device, what: str) -> bool:
     """A config's ``bf16`` for one device: ``auto`` is :func:`native_bf16`; ``True`` on a GPU
     without bf16 is an error naming ``what`` (a CPU emulates it: slow, but it runs)."""
+    check_bf16(setting, what)
     if setting == "auto":
         return native_bf16(device)
-    if setting not in (True, False):
-        raise ValueError(f"{what} must be auto, true or false, got {setting!r}")
     if setting and torch.device(device).type == "cuda" and not native_bf16(device):
         raise ValueError(f"{what}=true but this GPU has no bf16; use {what}=auto")
     return setting

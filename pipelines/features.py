@@ -68,10 +68,10 @@ class FeatureModel:
     checked when the job starts, so a misspelt field is an error that names it."""
 
     def __post_init__(self) -> None:
-        from mmm.precision import resolve_bf16
+        from mmm.precision import check_bf16
 
         # fail at parse time, not in an actor
-        resolve_bf16(self.config().encoders_bf16, "cpu", "model.overrides.encoders_bf16")
+        check_bf16(self.config().encoders_bf16, "model.overrides.encoders_bf16")
 
     def config(self) -> ModelConfig:
         """The preset with the overrides; a ``pretrained`` that is an existing local path made absolute."""

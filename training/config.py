@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from mmm import config_io
 from mmm.lora import LoraSettings
+from mmm.precision import check_bf16
 
 STAGES = ("pretrain", "finetune")
 LLM_MODES = ("frozen", "full", "lora")
@@ -172,7 +173,7 @@ class TrainConfig:
         _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
         _check(len(t.betas) == 2, f"train.betas needs two values, got {t.betas}")
         _check(self.deepspeed.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {self.deepspeed.zero_stage}")
-        _check(self.deepspeed.bf16 in ("auto", True, False), f"deepspeed.bf16 must be auto, true or false, got {self.deepspeed.bf16!r}")
+        check_bf16(self.deepspeed.bf16, "deepspeed.bf16")
         _check(self.resources.num_workers >= 1, "resources.num_workers must be >= 1")
         _check(self.stage != "finetune" or not self.model.overrides,
                f"model.overrides {sorted(self.model.overrides)} cannot change a stage-2 model: its architecture is "
