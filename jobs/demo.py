@@ -70,10 +70,11 @@ DEMOS = {
     "tiny": Demo("tiny", "outputs/demo"),
     # 3000 spoken phrases (1500 a language, one in eight held out) carry the transcription: held-out
     # word accuracy grew with the distinct clips (1000 -> 2000 -> 3000, one recipe: English 0.79 ->
-    # 0.87 -> 0.90, Malay 0.79 -> 0.81 -> 0.89) more than with steps; 100 shapes and 60 beep clips keep the other kinds in
-    # training. Pretrained Whisper encodes a 30 s window per clip whatever its length (~0.4-2 s of one
-    # core), so the clip count sets the features step's time (~22 minutes here); an answer costs a
-    # 135M-parameter LM's decode, so 50 dialogues a split are scored (docs/LEARNING.md, "small-real")
+    # 0.87 -> 0.90, Malay 0.79 -> 0.81 -> 0.89) more than with steps; 100 shapes and 60 beep clips
+    # keep the other kinds in training. Pretrained Whisper encodes a 30 s window per clip whatever
+    # its length (~0.4-2 s of one core), so the clip count sets the features step's time (~22
+    # minutes here); an answer costs a 135M-parameter LM's decode, so 50 dialogues a split are
+    # scored (docs/LEARNING.md, "small-real")
     "small-real": Demo("small-real", "outputs/demo-real", weights=True, synthesize=(
         "offline.speech=true", "offline.num_speech=3000", "offline.num_images=100", "offline.num_audio=60",
         "dialogues.num_dialogues=2000", "dialogues.speech_rate=0.5"), evaluate=("max_dialogues=50",)),
