@@ -153,8 +153,11 @@ def load_engine(checkpoint: str | None, preset: str, model_id: str | None, devic
         log.info("loading checkpoint %s", checkpoint)
         import torch
 
-        # bf16 halves memory and runs on tensor cores; CPUs keep fp32 (slow bf16 kernels there)
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+        from mmm.precision import native_bf16
+
+        # bf16 halves memory and runs on tensor cores; CPUs keep the fp32 a CPU run exports, so a
+        # CPU replica answers as CPU evaluation does (bf16 serving on CPUs is unmeasured)
+        dtype = torch.bfloat16 if device.startswith("cuda") and native_bf16(device) else None
         model = MMMModel.from_pretrained(checkpoint, dtype=dtype, storage_options=storage_options)
     else:
         log.info("no checkpoint: serving the untrained %r preset", preset)
