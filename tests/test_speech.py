@@ -16,6 +16,16 @@ def test_every_word_is_in_one_vocabulary_and_unseen_words_are_not_trained():
         assert not set(UNSEEN[lang]) & set(VOCAB[lang]), lang
 
 
+def test_the_real_recordings_say_only_words_english_training_says():
+    from evaluation.speech import real_recordings
+
+    recordings = real_recordings()
+    if not recordings:
+        pytest.skip("alsa-utils' recordings are not installed (apt-get install alsa-utils)")
+    said = {w for _, transcript in recordings if transcript != NO_SPEECH["en"] for w in transcript.split()}
+    assert said and said <= set(VOCAB["en"]), said - set(VOCAB["en"])
+
+
 def test_splits_share_no_phrase_and_training_never_says_an_unseen_word():
     items = [speech_facts(0, i) for i in range(4000)]
     train = {f["phrase"] for f in items if f["split"] == "train" and f["group"] != "none"}

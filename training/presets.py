@@ -68,13 +68,13 @@ def _small_real() -> PresetDefaults:
         # step on 2 cores with bf16 instructions (3.2-6.8 s without: there 160 steps fit 20 minutes).
         # Transcription is learned here and grows with the pairs seen, so stage 1 takes most of the 20 minutes;
         # stage 2 is short and gentle: LoRA at lr 1e-3 or 3e-4 taught the dialogues but cost transcription
-        # words; at 1e-4 for 40 steps (~2 minutes) it keeps them, and it replays one stage-1 pair for every
+        # words; at 1e-4 for 20 steps (~1 minute) it keeps them, and it replays one stage-1 pair for every
         # two dialogues, which keeps the "no speech" answers (docs/LEARNING.md, "small-real")
         pretrain=StageDefaults(OptimSection(max_steps=480, lr=5e-3, warmup_steps=10, micro_batch_size=2,
                                             context_length=256, checkpoint_every=80, **common),
                                llm="frozen", resources=cpu),
-        finetune=StageDefaults(OptimSection(max_steps=40, lr=1e-4, warmup_steps=3, micro_batch_size=1,
-                                            context_length=512, checkpoint_every=20, **common),
+        finetune=StageDefaults(OptimSection(max_steps=20, lr=1e-4, warmup_steps=3, micro_batch_size=1,
+                                            context_length=512, checkpoint_every=10, **common),
                                llm="lora", resources=cpu, data=DataSection(replay=0.5)),
     )
 
