@@ -38,8 +38,8 @@ VOCAB = {
     ).split(),
 }
 """The words training clips say (~60 per language). English has the words of alsa-utils' real
-recordings ("front", "rear", "center", "side" besides "left", "right"), so those measure how a model
-trained on espeak-ng's voices hears people, not whether it knows a word it never heard."""
+recordings ("front", "rear", "center", "side" besides "left", "right"), so the recordings measure how
+a model trained on espeak-ng's voices hears people, not whether it knows a word it never heard."""
 UNSEEN = {
     "en": ("garden", "pencil", "orange", "mountain", "kitchen", "letter"),
     "ms": ("taman", "pensel", "gunung", "surat", "bunga", "pantai"),
