@@ -42,20 +42,38 @@ class Rendered:
     """Modality of each media item, in order of appearance."""
 
 
+def join_parts(pieces: list[tuple[str, bool]]) -> str:
+    """(text, is a media span) pieces -> one string, a media span ending its line unless the text
+    after it starts a new one.
+
+    The data models learn from writes media that way ("<image></image>\nWhat colour ...?": the
+    synthesized dialogues, captions and transcripts, LLaVA-style imports; LLaVA's own chat template
+    puts "\n" after each image too), so a client's bare parts render as training saw them. Joined
+    without it, the tiny demo model read a lone image's colour question as another question
+    (docs/SERVING.md, "Bare parts render as training data")."""
+    out = []
+    for k, (text, media) in enumerate(pieces):
+        out.append(text)
+        after = pieces[k + 1][0] if k + 1 < len(pieces) else ""
+        if media and not after.startswith("\n"):
+            out.append("\n")
+    return "".join(out)
+
+
 def content_to_text(content) -> str:
-    """Parts -> a string with empty media spans; strings pass through."""
+    """Parts -> a string with empty media spans (:func:`join_parts`); strings pass through."""
     if isinstance(content, str):
         return content
     pieces = []
     for i, part in enumerate(content):
         kind = part.get("type")
         if kind == "text":
-            pieces.append(part["text"])
+            pieces.append((part["text"], False))
         elif kind in _TAGS:
-            pieces.append(f"<{kind}></{kind}>")
+            pieces.append((f"<{kind}></{kind}>", True))
         else:
             raise ValueError(f"content part {i} has unknown type {kind!r}; expected text, image or audio")
-    return "".join(pieces)
+    return join_parts(pieces)
 
 
 def media_modalities(messages) -> list[str]:

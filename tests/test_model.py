@@ -64,6 +64,22 @@ def test_render_counts_labels_and_mismatch(tiny_model):
         render(tok, msgs, counts[:4])
 
 
+def test_bare_parts_render_as_the_training_data_writes_media(tiny_model):
+    """An API client's parts give the ids of the text training data writes: a media span ends its
+    line, whether the client sends bare parts or writes the line break itself."""
+    question = "How many beeps are in the audio?"
+    written = f"<image></image>\n<audio></audio>\n{question}"
+    bare = [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question}]
+    own_breaks = [{"type": "image"}, {"type": "text", "text": "\n"}, {"type": "audio"}, {"type": "text", "text": f"\n{question}"}]
+
+    def ids(content):
+        return render(tiny_model.tokenizer, [{"role": "user", "content": content}], [16, 5], True).input_ids
+
+    assert ids(bare) == ids(written) == ids(own_breaks)
+    assert ids([{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question}]) != ids(
+        f"<image></image><audio></audio>{question}")  # what parts joined bare gave
+
+
 def test_embed_raises_on_feature_count_mismatch(tiny_model):
     feats = tiny_model.encode_media(IMAGE, [image()])
     r = tiny_model.render([{"role": "user", "content": "<image></image>"}], feats)
