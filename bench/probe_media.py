@@ -3,13 +3,17 @@
 Usage:
     python bench/probe_media.py                    # 480 items a modality: ~2 min CPU (4 min wall, load 2)
     python bench/probe_media.py --items 240 --seed 3
+    python bench/probe_media.py --ood-only beep,gap   # twins that differ in those parameters alone
 
 Draws items with the training style (``pipelines.synth.media.TRAIN``) and their twins with the
-out-of-range style (``OOD``, the eval_ood split), encodes them with the tiny preset's encoders
-(features rounded through fp16, as the feature store keeps them), standardises them with the
-training items' per-(position, channel) statistics (as the projectors' FeatureNorm does), and fits
-a probe on 75% of the training-style items. It prints the probe's accuracy on the other 25% and on
-the OOD twins of every item, per fact; the last line is JSON.
+out-of-range style (``OOD``, the eval_ood split; with ``--ood-only``, the training style with only
+the named ``Style`` fields taken from ``OOD``, to see which parameter costs a fact), encodes them
+with the tiny preset's encoders (features rounded through fp16, as the feature store keeps them),
+standardises them with the training items' statistics as the tiny preset's projectors do (images per
+(position, channel); audio per channel over the clips' frames unless the preset says
+``audio_norm_per_position``), and fits a probe on 75% of the training-style items. It prints the
+probe's accuracy on the other 25% and on the OOD twins of every item, per fact; the last line is
+JSON.
 
 Images: a logistic-regression probe on the flattened patch features (colour, shape, count).
 Audio: clips have different lengths, so a linear probe over positions cannot count; the probe has
@@ -34,13 +38,14 @@ import torch
 from mmm.config import preset
 from mmm.encoders import build_encoders
 from mmm.media import decode_audio, decode_image
-from pipelines.synth.media import make_item
+from pipelines.synth.media import Style, make_item, partly_ood
 
 
-def encode(kind: str, n: int, seed: int, style: str, encoder) -> tuple[list[torch.Tensor], list[dict]]:
+def encode(kind: str, n: int, seed: int, style: str, encoder, look: Style | None = None):
+    """(features, facts) of items 0..n-1 in ``style`` (rendered with ``look`` when given)."""
     feats, facts = [], []
     for start in range(0, n, 64):
-        made = [make_item(seed, kind, i, style) for i in range(start, min(n, start + 64))]
+        made = [make_item(seed, kind, i, style, look) for i in range(start, min(n, start + 64))]
         decode = decode_image if kind == "image" else decode_audio
         feats += [f.half().float() for f in encoder.encode([decode(b) for b, _, _ in made])]
         facts += [f for _, f, _ in made]
@@ -89,14 +94,21 @@ def conv_probe(x_fit, y_fit, tests, steps: int = 300) -> list[float]:
         return [float((logits(x).argmax(-1).numpy() == yt).mean()) for x, yt in tests]
 
 
-def probe(kind: str, n: int, seed: int, encoder) -> dict:
+def probe(kind: str, n: int, seed: int, encoder, twins: Style, per_position: bool) -> dict:
     train_f, facts = encode(kind, n, seed, "train", encoder)
-    ood_f, ood_facts = encode(kind, n, seed, "ood", encoder)
+    ood_f, ood_facts = encode(kind, n, seed, "ood", encoder, twins)
     assert facts == ood_facts  # twins: the same facts, other rendering
     length = max(len(f) for f in train_f + ood_f)
     fit = int(0.75 * n)
+    if kind == "audio" and not per_position:  # statistics of the fit clips' frames; padding stays 0
+        frames = torch.cat(train_f[:fit])
+        mean, std = frames.mean(0), frames.std(0).clamp_min(1e-3)
+        train_f, ood_f = [[(f - mean) / std for f in fs] for fs in (train_f, ood_f)]
     x_train, x_ood = padded(train_f, length), padded(ood_f, length)
-    x_fit, x_held, x_ood = standardise(x_train[:fit], x_train[fit:], x_ood)
+    if kind == "audio" and not per_position:
+        x_fit, x_held = x_train[:fit], x_train[fit:]
+    else:
+        x_fit, x_held, x_ood = standardise(x_train[:fit], x_train[fit:], x_ood)
     out = {}
     for fact in ("colour", "shape", "count") if kind == "image" else ("pitch", "count"):
         names = sorted({f[fact] for f in facts}, key=str)
@@ -111,17 +123,25 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=480)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ood-only", default="", help="comma-separated Style fields the twins take from OOD (default all)")
     args = ap.parse_args(argv)
+    try:
+        twins = partly_ood([f for f in args.ood_only.split(",") if f])
+    except ValueError as e:
+        raise SystemExit(f"--ood-only: {e}") from None
     torch.set_num_threads(2)
     start = time.time()
-    vision, audio = build_encoders(preset("tiny"))
-    result = {"image": probe("image", args.items, args.seed, vision), "audio": probe("audio", args.items, args.seed, audio)}
+    cfg = preset("tiny")
+    vision, audio = build_encoders(cfg)
+    per_position = cfg.projector.audio_norm_per_position
+    encoders = {"image": vision, "audio": audio}
+    result = {kind: probe(kind, args.items, args.seed, enc, twins, per_position) for kind, enc in encoders.items()}
     print(f"{'fact':<14}{'held-out':>10}{'ood':>8}{'chance':>8}")
     for kind, facts in result.items():
         for fact, r in facts.items():
             print(f"{kind + ' ' + fact:<14}{r['held_out']:>10.1%}{r['ood']:>8.1%}{r['chance']:>8.1%}")
     result["seconds"] = round(time.time() - start, 1)
-    result["items"] = args.items
+    result["items"], result["ood_only"] = args.items, args.ood_only or "all"
     print(json.dumps(result))
     return result
 

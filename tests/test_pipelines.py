@@ -160,6 +160,20 @@ def test_eval_ood_twins_ask_the_same_about_the_same_facts_drawn_otherwise(root):
             assert manifest[b]["caption"] is None  # stage 1 never sees them
 
 
+def test_eval_ood_draws_every_rendering_parameter_outside_the_training_ranges():
+    import dataclasses
+
+    from pipelines.synth.media import OOD, TRAIN, Style, partly_ood
+
+    for field in dataclasses.fields(Style):
+        train, ood = getattr(TRAIN, field.name), getattr(OOD, field.name)
+        assert all(hi < low or lo > high for lo, hi in ood for low, high in train), field.name
+    assert partly_ood(["beep", "tail"]) == dataclasses.replace(TRAIN, beep=OOD.beep, tail=OOD.tail)
+    assert partly_ood([]) == OOD
+    with pytest.raises(ValueError, match="bogus"):
+        partly_ood(["bogus"])
+
+
 def test_dialogues_render_with_the_core_renderer(root, featured, tiny_model):
     feats = _store(root).load()
     import torch

@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +120,18 @@ and count at chance there), so those would measure the encoders' resolution, not
 STYLES = {"train": TRAIN, "ood": OOD}
 
 
+def partly_ood(fields) -> Style:
+    """``TRAIN`` with only ``fields`` taken from ``OOD`` (all of ``OOD`` when none are named): twins
+    that differ in one parameter say which one costs a fact (bench/probe_media.py, bench/ood_answers.py)."""
+    if not fields:
+        return OOD
+    names = [f.name for f in dataclasses.fields(Style)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise ValueError(f"no Style field {unknown}; the fields are {names}")
+    return dataclasses.replace(TRAIN, **{f: getattr(OOD, f) for f in fields})
+
+
 def draw(rng: random.Random, ranges: tuple) -> float:
     low, high = rng.choice(ranges)
     return rng.uniform(low, high)
@@ -183,11 +196,14 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def make_item(seed: int, kind: str, index: int, style: str = "train") -> tuple[bytes, dict, str]:
+def make_item(
+    seed: int, kind: str, index: int, style: str = "train", look: Style | None = None
+) -> tuple[bytes, dict, str]:
     """(bytes, facts, file extension) of one item. An ``ood`` item has the facts of the ``train``
-    item with the same index, drawn with :data:`OOD`'s parameters (its own RNG)."""
+    item with the same index, drawn with :data:`OOD`'s parameters (its own RNG). ``look`` renders
+    with other parameters under ``style``'s RNG (:func:`partly_ood`'s twins)."""
     rng = rng_for(seed, kind if style == "train" else f"{kind}-{style}", index)
-    facts, look = facts_for(seed, kind, index), STYLES[style]
+    facts, look = facts_for(seed, kind, index), look or STYLES[style]
     if kind == IMAGE:
         return draw_image(facts, rng, look), facts, "png"
     if kind == AUDIO:
