@@ -166,9 +166,9 @@ def chat_turns(data: Path):
     im = [image_part(decode_image(load(r))) for r in images]
     au = [audio_part(decode_audio(load(r))) for r in clips]
     facts = [json.loads(r["facts"]) for r in images + clips]
-    turns = [  # bare media parts: the server's chat template numbers them (Image 1, Image 2, ...)
-        [im[0], "\n", im[1], "\nWhat colour are the shapes in image 1?"],
-        [au[0], "\n", au[1], "\nHow many beeps are in audio 2?"],
+    turns = [  # bare media parts: the server numbers them (Image 1, Image 2, ...) and ends their lines
+        [im[0], im[1], "What colour are the shapes in image 1?"],
+        [au[0], au[1], "How many beeps are in audio 2?"],
         ["Berapa banyak bentuk dalam gambar 2?"],
     ]
     # a named item's answer starts with its name (pipelines/synth/questions.py)
@@ -194,9 +194,9 @@ def real_chat_turns(data: Path):
     if recording is None:
         raise RuntimeError("no real recording found: apt-get install alsa-utils")
     turns = [
-        [audio_part(decode_audio(recording[0].read_bytes())), "\nWhat is said in the audio?"],
-        [audio_part(decode_audio(load(phrase))), "\nApakah yang disebut dalam audio 2?"],
-        [image_part(decode_image(load(image))), "\nWhat colour are the shapes in the image?"],
+        [audio_part(decode_audio(recording[0].read_bytes())), "What is said in the audio?"],
+        [audio_part(decode_audio(load(phrase))), "Apakah yang disebut dalam audio 2?"],
+        [image_part(decode_image(load(image))), "What colour are the shapes in the image?"],
     ]
     return turns, [recording[1], json.loads(phrase["facts"])["phrase"], json.loads(image["facts"])["colour"]]
 
