@@ -195,6 +195,40 @@ def test_offline_generation_is_deterministic_for_a_seed():
     assert [gen.dialogue(i) for i in range(30)] == [gen.dialogue(i) for i in range(30)]
 
 
+def _as_client_sends(text: str) -> list[dict]:
+    """A message written with spans as an OpenAI client sends it: bare media parts and the text."""
+    import re
+
+    parts, at = [], 0
+    for span in re.finditer(r"<(image|audio)></\1>\n?", text):
+        parts += [{"type": "text", "text": text[at:span.start()]}] if span.start() > at else []
+        parts.append({"type": span.group(1)})
+        at = span.end()
+    return parts + ([{"type": "text", "text": text[at:]}] if at < len(text) else [])
+
+
+def test_every_scored_prompt_is_what_a_client_sending_bare_parts_gets(root, featured, tiny_model):
+    """No skew between evaluation and serving: each turn evaluation scores renders to the same ids
+    when its history comes as an OpenAI client's bare parts."""
+    import torch
+
+    from mmm.chat import media_modalities
+
+    feats = _store(root).load()
+    turns = 0
+    for r in _dialogues(root):
+        media = [torch.from_numpy(feats[m]) for m in r["media_ids"]]
+        client = [{**m, "content": _as_client_sends(m["content"])} if m["role"] == "user" else m for m in r["messages"]]
+        for j, msg in enumerate(r["messages"]):
+            if msg["role"] == "assistant":
+                shown = media[: len(media_modalities(client[:j]))]
+                scored = tiny_model.render(r["messages"][:j], shown, add_generation_prompt=True)
+                served = tiny_model.render(client[:j], shown, add_generation_prompt=True)
+                assert served.input_ids == scored.input_ids, (r["dialogue_id"], j)
+                turns += 1
+    assert turns > 100
+
+
 def test_recall_drills_ask_about_an_earlier_item_in_train_only():
     import re
 
