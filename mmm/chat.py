@@ -4,7 +4,8 @@ A message's content is either a string that marks each media item with an empty 
 (``<image></image>``, ``<audio></audio>``) or a list of parts (``{"type": "text", "text": ...}``,
 ``{"type": "image"}``, ``{"type": "audio"}``) in any order. Rendering expands every span to
 ``<image>`` + N placeholder tokens + ``</image>``, N being how many projected features that item
-has, then applies the tokenizer's own chat template. Labels keep only assistant tokens.
+has, then applies the tokenizer's own chat template. Labels keep only assistant tokens. Every span
+ends its line, however the message was written (:func:`content_to_text`).
 
 Media are numbered by the renderer: each span is preceded by its label, "Image 1: ", "Audio 2: ",
 counted per modality over the whole conversation in order of appearance, so "image 2" names the
@@ -25,6 +26,7 @@ from .tokenizer import AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, 
 
 IGNORE_INDEX = -100
 _SPAN = re.compile(r"<(image|audio)></\1>")
+_UNBROKEN_SPAN = re.compile(r"(<(image|audio)></\2>)(?!\n)")
 _TAGS = {IMAGE: (IMAGE_START, IMAGE_PAD, IMAGE_END), AUDIO: (AUDIO_START, AUDIO_PAD, AUDIO_END)}
 MEDIA_LABELS = {IMAGE: "Image", AUDIO: "Audio"}
 """The word of each modality's label: "Image 1: ", "Audio 1: "."""
@@ -42,38 +44,28 @@ class Rendered:
     """Modality of each media item, in order of appearance."""
 
 
-def join_parts(pieces: list[tuple[str, bool]]) -> str:
-    """(text, is a media span) pieces -> one string, a media span ending its line unless the text
-    after it starts a new one.
-
-    The data models learn from writes media that way ("<image></image>\nWhat colour ...?": the
-    synthesized dialogues, captions and transcripts, LLaVA-style imports; LLaVA's own chat template
-    puts "\n" after each image too), so a client's bare parts render as training saw them. Joined
-    without it, the tiny demo model read a lone image's colour question as another question
-    (docs/SERVING.md, "Bare parts render as training data")."""
-    out = []
-    for k, (text, media) in enumerate(pieces):
-        out.append(text)
-        after = pieces[k + 1][0] if k + 1 < len(pieces) else ""
-        if media and not after.startswith("\n"):
-            out.append("\n")
-    return "".join(out)
-
-
 def content_to_text(content) -> str:
-    """Parts -> a string with empty media spans (:func:`join_parts`); strings pass through."""
+    """Parts or a string -> a string of text and empty media spans, each span ending its line.
+
+    Every span ends its line whoever wrote the message: the data models learn from mostly write
+    "<image></image>\nWhat colour ...?" (the synthesized dialogues, captions and transcripts,
+    LLaVA-style imports), an API client sends bare parts, and some formats write "<image>What ...".
+    One form for all of them keeps training, evaluation and serving on the same ids (LLaVA's own
+    preprocessing puts "\n" after each image too). Rendered from bare parts without it, the tiny
+    demo model read a lone image's colour question as another question (docs/SERVING.md, "Bare
+    parts render as training data")."""
     if isinstance(content, str):
-        return content
+        return _UNBROKEN_SPAN.sub(r"\1\n", content)
     pieces = []
     for i, part in enumerate(content):
         kind = part.get("type")
         if kind == "text":
-            pieces.append((part["text"], False))
+            pieces.append(part["text"])
         elif kind in _TAGS:
-            pieces.append((f"<{kind}></{kind}>", True))
+            pieces.append(f"<{kind}></{kind}>")
         else:
             raise ValueError(f"content part {i} has unknown type {kind!r}; expected text, image or audio")
-    return join_parts(pieces)
+    return content_to_text("".join(pieces))
 
 
 def media_modalities(messages) -> list[str]:

@@ -64,20 +64,21 @@ def test_render_counts_labels_and_mismatch(tiny_model):
         render(tok, msgs, counts[:4])
 
 
-def test_bare_parts_render_as_the_training_data_writes_media(tiny_model):
-    """An API client's parts give the ids of the text training data writes: a media span ends its
-    line, whether the client sends bare parts or writes the line break itself."""
+def test_every_media_span_ends_its_line_whoever_wrote_the_message(tiny_model):
+    """An API client's bare parts, parts with the client's own line breaks, and text written with
+    or without breaks after its spans all give the ids of the text the training data writes."""
     question = "How many beeps are in the audio?"
     written = f"<image></image>\n<audio></audio>\n{question}"
     bare = [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question}]
-    own_breaks = [{"type": "image"}, {"type": "text", "text": "\n"}, {"type": "audio"}, {"type": "text", "text": f"\n{question}"}]
+    own_breaks = [{"type": "image"}, {"type": "text", "text": "\n"},
+                  {"type": "audio"}, {"type": "text", "text": f"\n{question}"}]
+    unbroken = f"<image></image><audio></audio>{question}"  # as ShareGPT-style data writes "<image><audio>..."
 
     def ids(content):
         return render(tiny_model.tokenizer, [{"role": "user", "content": content}], [16, 5], True).input_ids
 
-    assert ids(bare) == ids(written) == ids(own_breaks)
-    assert ids([{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question}]) != ids(
-        f"<image></image><audio></audio>{question}")  # what parts joined bare gave
+    assert ids(bare) == ids(written) == ids(own_breaks) == ids(unbroken)
+    assert ids(f"<image></image>\n\n<audio></audio>\n{question}") != ids(written)  # other text stays as written
 
 
 def test_embed_raises_on_feature_count_mismatch(tiny_model):

@@ -27,7 +27,6 @@ import base64
 import re
 from dataclasses import dataclass, field
 
-from mmm.chat import join_parts
 from mmm.schema import AUDIO, IMAGE
 
 FORMATS = ("llava", "sharegpt", "openai", "mmm")
@@ -207,7 +206,7 @@ def openai(rec: dict) -> Record:
         role, content = _role(turn, i), turn.get("content")
         if isinstance(content, list):
             pieces = [_openai_part(p, i, j) for j, p in enumerate(content)]
-            content = join_parts([(t, m is not None) for t, m in pieces])
+            content = "".join(t for t, _ in pieces)
             media += [m for _, m in pieces if m is not None]
         if not isinstance(content, str):
             raise RecordError(f"turn {i}: content is neither a string nor a list of parts")
