@@ -57,16 +57,10 @@ def requests(modality: str, rendering: str, items: int):
 
 
 async def answer_all(scheduler, reqs) -> list[str]:
-    async def one(req):
-        last = None
-        async for events in scheduler.submit([req]):
-            if events[0] not in (None, StopIteration):
-                last = events[0]
-        if last.error is not None:
-            raise RuntimeError(last.error.message)
-        return last.text
+    """Every request's answer, the requests in flight together (the scheduler batches them)."""
+    from serve_mmdu import final_event
 
-    return await asyncio.gather(*(one(r) for r in reqs))
+    return [event.text for event in await asyncio.gather(*(final_event(scheduler, r) for r in reqs))]
 
 
 def accuracy(scheduler, modality: str, rendering: str, items: int) -> dict:

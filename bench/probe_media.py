@@ -65,6 +65,14 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return [(x - mean) / std for x in (train, *others)]
 
 
+def standardise_channels(fit: list[torch.Tensor], *groups: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per-channel statistics over the ``fit`` clips' frames, applied to every clip of ``groups``
+    before padding, so padding stays 0 (the tiny preset's audio FeatureNorm with positions=1)."""
+    frames = torch.cat(fit)
+    mean, std = frames.mean(0), frames.std(0).clamp_min(1e-3)
+    return [[(f - mean) / std for f in group] for group in groups]
+
+
 def logistic(x_fit, y_fit, tests) -> list[float]:
     from sklearn.linear_model import LogisticRegression
 
@@ -100,14 +108,12 @@ def probe(kind: str, n: int, seed: int, encoder, twins: Style, per_position: boo
     assert facts == ood_facts  # twins: the same facts, other rendering
     length = max(len(f) for f in train_f + ood_f)
     fit = int(0.75 * n)
-    if kind == "audio" and not per_position:  # statistics of the fit clips' frames; padding stays 0
-        frames = torch.cat(train_f[:fit])
-        mean, std = frames.mean(0), frames.std(0).clamp_min(1e-3)
-        train_f, ood_f = [[(f - mean) / std for f in fs] for fs in (train_f, ood_f)]
-    x_train, x_ood = padded(train_f, length), padded(ood_f, length)
     if kind == "audio" and not per_position:
+        train_f, ood_f = standardise_channels(train_f[:fit], train_f, ood_f)
+        x_train, x_ood = padded(train_f, length), padded(ood_f, length)
         x_fit, x_held = x_train[:fit], x_train[fit:]
     else:
+        x_train, x_ood = padded(train_f, length), padded(ood_f, length)
         x_fit, x_held, x_ood = standardise(x_train[:fit], x_train[fit:], x_ood)
     out = {}
     for fact in ("colour", "shape", "count") if kind == "image" else ("pitch", "count"):

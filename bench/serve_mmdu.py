@@ -75,18 +75,19 @@ def _ask(scheduler, messages, media, max_tokens: int):
     from serve.openai_schema import ChatRequest, SamplingParams
 
     req = ChatRequest("mmdu-bench", messages, list(media), SamplingParams(max_tokens=max_tokens, temperature=0))
-
-    async def go():
-        last = None
-        async for events in scheduler.submit([req]):
-            last = events[0] if events[0] not in (None, StopIteration) else last
-        return last
-
     t0 = time.perf_counter()
-    done = asyncio.run(go())
-    if done.error is not None:
-        raise RuntimeError(done.error.message)
+    done = asyncio.run(final_event(scheduler, req))
     return done, time.perf_counter() - t0
+
+
+async def final_event(scheduler, req):
+    """``req``'s last event through ``scheduler`` (serve/scheduler.py's protocol); its error raised."""
+    last = None
+    async for events in scheduler.submit([req]):
+        last = events[0] if events[0] not in (None, StopIteration) else last
+    if last.error is not None:
+        raise RuntimeError(last.error.message)
+    return last
 
 
 def run(turns: int = 27, clip_seconds: float = 20.0, max_tokens: int = 16, repeats: int = 3) -> dict:

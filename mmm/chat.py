@@ -54,10 +54,13 @@ def content_to_text(content) -> str:
     preprocessing puts "\n" after each image too). Rendered from bare parts without it, the tiny
     demo model read a lone image's colour question as another question (docs/SERVING.md, "Bare
     parts render as training data")."""
-    if isinstance(content, str):
-        return _UNBROKEN_SPAN.sub(r"\1\n", content)
+    text = content if isinstance(content, str) else _join_parts(content)
+    return _UNBROKEN_SPAN.sub(r"\1\n", text)
+
+
+def _join_parts(parts) -> str:
     pieces = []
-    for i, part in enumerate(content):
+    for i, part in enumerate(parts):
         kind = part.get("type")
         if kind == "text":
             pieces.append(part["text"])
@@ -65,7 +68,7 @@ def content_to_text(content) -> str:
             pieces.append(f"<{kind}></{kind}>")
         else:
             raise ValueError(f"content part {i} has unknown type {kind!r}; expected text, image or audio")
-    return content_to_text("".join(pieces))
+    return "".join(pieces)
 
 
 def media_modalities(messages) -> list[str]:

@@ -17,8 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -120,16 +119,17 @@ and count at chance there), so those would measure the encoders' resolution, not
 STYLES = {"train": TRAIN, "ood": OOD}
 
 
-def partly_ood(fields) -> Style:
-    """``TRAIN`` with only ``fields`` taken from ``OOD`` (all of ``OOD`` when none are named): twins
-    that differ in one parameter say which one costs a fact (bench/probe_media.py, bench/ood_answers.py)."""
-    if not fields:
+def partly_ood(names) -> Style:
+    """``TRAIN`` with only the fields ``names`` taken from ``OOD`` (all of ``OOD`` when none are
+    named): twins that differ in one parameter say which one costs a fact (bench/probe_media.py,
+    bench/ood_answers.py)."""
+    if not names:
         return OOD
-    names = [f.name for f in dataclasses.fields(Style)]
-    unknown = sorted(set(fields) - set(names))
+    known = [f.name for f in fields(Style)]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"no Style field {unknown}; the fields are {names}")
-    return dataclasses.replace(TRAIN, **{f: getattr(OOD, f) for f in fields})
+        raise ValueError(f"no Style field {unknown}; the fields are {known}")
+    return replace(TRAIN, **{name: getattr(OOD, name) for name in names})
 
 
 def draw(rng: random.Random, ranges: tuple) -> float:
