@@ -19,6 +19,8 @@ WINDOW_SECONDS = 30.0
 MEL_FRAMES_PER_SECOND = 100
 """Whisper's mel hop is 10 ms; the encoder's stride-2 conv halves this to 50 features/s."""
 ENCODER_FRAMES_PER_SECOND = 50
+SPAN_MODALITIES = ("image", "audio")
+"""The modalities a media span holds (mmm.schema.IMAGE and AUDIO)."""
 
 
 @dataclass
@@ -122,10 +124,12 @@ class LLMConfig:
     attention: str = "mmm_packed_sdpa"
     """How the LM attends. The default runs each packed sample's slice with causal SDPA (no L x L
     mask; see mmm/attention.py); any transformers name ("sdpa", "flash_attention_2", ...) also works."""
-    shared_span_positions: bool = False
-    """Give every token of a media span its first token's RoPE position (mmm/spans.py). Off keeps
-    the LM's own positions; the tiny preset turns it on. Needs the packed attention: stock
-    transformers reads a non-increasing step in ``position_ids`` as the start of a new sample."""
+    shared_span_positions: list[str] = field(default_factory=list)
+    """Modalities (``image``, ``audio``) whose spans give every token the span's first RoPE position
+    (mmm/spans.py). Empty keeps the LM's own positions. The tiny preset shares image spans only: a
+    clip's tokens keep their order in time (docs/LEARNING.md, "Audio spans keep their time").
+    Needs the packed attention: stock transformers reads a non-increasing step in ``position_ids``
+    as the start of a new sample."""
     tie_embeddings: bool = False
     """Share the input embeddings with the output head (a random LM only; a pretrained one keeps its
     own choice). The tiny preset ties them: a fact word's input embedding is then trained by every
@@ -137,6 +141,12 @@ class LLMConfig:
         if self.tie_embeddings and self.pretrained:
             raise ValueError(f"llm.tie_embeddings applies to a randomly built LM; {self.pretrained!r} keeps its "
                              "own tying: set llm.tie_embeddings=false")
+        if isinstance(self.shared_span_positions, bool):  # checkpoints saved when it was on/off for both
+            self.shared_span_positions = list(SPAN_MODALITIES) if self.shared_span_positions else []
+        unknown = sorted(set(self.shared_span_positions) - set(SPAN_MODALITIES))
+        if unknown:
+            raise ValueError(f"llm.shared_span_positions: unknown modalities {unknown}; "
+                             f"choose from {list(SPAN_MODALITIES)}")
         if self.shared_span_positions and self.attention != "mmm_packed_sdpa":
             raise ValueError(
                 f"llm.shared_span_positions needs llm.attention='mmm_packed_sdpa', not {self.attention!r}: "
@@ -206,7 +216,7 @@ def _tiny() -> ModelConfig:
         audio=AudioConfig(window_seconds=5.0),
         projector=ProjectorConfig(item_ordinals=8),
         # 8192 tokens hold an MMDU-sized chat (27 turns, 20 images, 10 clips) or a 10-minute clip
-        llm=LLMConfig(num_layers=3, shared_span_positions=True, tie_embeddings=True, max_context=8192,
+        llm=LLMConfig(num_layers=3, shared_span_positions=["image"], tie_embeddings=True, max_context=8192,
                       max_position_embeddings=8192),
     )
 

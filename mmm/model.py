@@ -184,12 +184,13 @@ class MMMModel(nn.Module):
 
     def lm_positions(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None):
         """The ``position_ids`` to give the LM with ``embed``'s output: the caller's (or the LM's
-        default), with each media span sharing one position when ``llm.shared_span_positions``."""
+        default), with each span of a modality in ``llm.shared_span_positions`` sharing one position."""
         if not self.config.llm.shared_span_positions:
             return position_ids
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask)
-        return shared_span_positions(input_ids, position_ids, self.pad_ids.values())
+        shared = [self.pad_ids[m] for m in self.config.llm.shared_span_positions]
+        return shared_span_positions(input_ids, position_ids, shared)
 
     def forward(self, input_ids, image_features=(), audio_features=(), labels=None, attention_mask=None, position_ids=None):
         """(B, L) ids -> ``.logits`` (B, L, V); with ``labels``, ``.loss`` instead: the mean

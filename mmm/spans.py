@@ -8,9 +8,11 @@ an earlier item learnable (90% where either alone gives 70%, docs/LEARNING.md#bi
 
 * the item number (1st, 2nd, ... image of the sample) is embedded into every token of the span,
   so "which span is image 2" is a lookup rather than a count over the whole context;
-* every token of a span gets the RoPE position of its first token (as Qwen2-VL's M-RoPE does for
-  an image's time axis), so the label in front of a span sits at one fixed distance from all of
-  it, however long the span is.
+* every token of an image span gets the RoPE position of its first token (as Qwen2-VL's M-RoPE
+  does for an image's time axis), so the label in front of it sits at one fixed distance from all
+  of it. A clip's tokens keep one position each: they are its time axis (as Qwen2.5-Omni's TMRoPE
+  gives audio), and an LM that sees them as a bag can only tell how much sound there is, not in
+  which order (docs/LEARNING.md, "Audio spans keep their time").
 
 Both are computed from ``input_ids`` (and the packed ``position_ids``, whose zeros start each
 sample), so training, evaluation and serving agree without extra inputs.

@@ -19,7 +19,7 @@ def test_llava_parity():
 
     # LLaVA's architecture: the tiny preset without its binding aids (mmm/spans.py)
     cfg = preset("tiny")
-    cfg.projector.item_ordinals, cfg.llm.shared_span_positions = 0, False
+    cfg.projector.item_ordinals, cfg.llm.shared_span_positions = 0, []
     m = MMMModel.build(cfg).eval()
     pad = m.pad_ids[IMAGE]
     # copies: Llava sets its own attention implementation on the configs it is given, and the
@@ -181,6 +181,20 @@ def test_checkpoint_from_before_audio_norm_field_loads(tmp_path):
     loaded = MMMModel.from_pretrained(str(tmp_path), expect_phase="stage1")
     assert loaded.config.projector.audio_norm_per_position is True
     assert loaded.audio_projector.norm.mean.equal(old.audio_projector.norm.mean)
+
+
+def test_checkpoint_sharing_positions_in_every_span_keeps_doing_so():
+    """``llm.shared_span_positions`` was one switch for images and clips alike: a checkpoint saved
+    with ``true`` shares positions in both, one saved with ``false`` in neither."""
+    from mmm.config import ModelConfig, preset
+
+    saved = preset("tiny").to_dict()
+    for old, now in ((True, [IMAGE, AUDIO]), (False, [])):
+        saved["llm"]["shared_span_positions"] = old
+        assert ModelConfig.from_dict(saved).llm.shared_span_positions == now
+    saved["llm"]["shared_span_positions"] = ["video"]
+    with pytest.raises(ValueError, match="unknown modalities \\['video'\\]"):
+        ModelConfig.from_dict(saved)
 
 
 def test_batched_generation_matches_single(tiny_model):

@@ -50,16 +50,21 @@ def test_item_numbers_and_shared_positions_follow_packed_samples():
     assert shared_span_positions(ids, pos, [9]).tolist() == [[0, 1, 2, 2, 4, 5, 6, 6, 8, 0, 1, 2, 3, 0]]
 
 
-def test_tiny_preset_gives_each_item_its_number_and_span_one_position(tiny_model):
+def test_tiny_preset_gives_each_item_its_number_and_image_span_one_position(tiny_model):
     m = tiny_model
     feats = m.encode_media(IMAGE, [image((255, 0, 0))] * 2)
-    ids = torch.tensor([m.render([{"role": "user", "content": "<image></image> <image></image>"}], feats).input_ids])
+    clip = m.encode_media(AUDIO, [tone(1.0)])
+    content = "<image></image> <image></image> <audio></audio>"
+    ids = torch.tensor([m.render([{"role": "user", "content": content}], feats + clip).input_ids])
     spans = (ids == m.pad_ids[IMAGE])[0].nonzero().flatten()
     first, second = spans[:16], spans[16:]
     positions = m.lm_positions(ids)[0]
     assert positions[first].unique().tolist() == [int(first[0])] and positions[second].unique().tolist() == [int(second[0])]
+    # a clip's tokens are its time axis: they keep one position each
+    audio = (ids == m.pad_ids[AUDIO])[0].nonzero().flatten()
+    assert len(audio) > 1 and positions[audio].tolist() == audio.tolist()
     with torch.no_grad():
-        embeds = m.embed(ids, feats)[0]
+        embeds = m.embed(ids, feats, clip)[0]
     # the same image twice: its two spans differ by exactly the two item-number vectors
     table = m.item_ordinals.table.weight
     torch.testing.assert_close(embeds[second] - embeds[first], (table[1] - table[0]).expand(16, -1), atol=1e-5, rtol=0)
@@ -75,7 +80,7 @@ def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
     assert any(len(b) > 1 for b in segment_bounds(batch["position_ids"], len(batch["rows"]), batch["input_ids"].shape[1]))
     runs = {}
     # transformers reads the equal positions of a shared span as sample starts: compare without them
-    m.config.llm.shared_span_positions = False
+    shared, m.config.llm.shared_span_positions = m.config.llm.shared_span_positions, []
     try:
         for impl in (PACKED_SDPA, "sdpa"):
             m.llm.set_attn_implementation(impl)
@@ -88,7 +93,7 @@ def test_packed_attention_matches_transformers_masked_sdpa(tiny_model):
             runs[impl] = (logits, grads)
     finally:
         m.llm.set_attn_implementation(PACKED_SDPA)
-        m.config.llm.shared_span_positions = True
+        m.config.llm.shared_span_positions = shared
         m.zero_grad()
     torch.testing.assert_close(runs[PACKED_SDPA][0], runs["sdpa"][0], atol=1e-4, rtol=0)
     assert runs["sdpa"][1] and len(runs[PACKED_SDPA][1]) == len(runs["sdpa"][1])
