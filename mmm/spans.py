@@ -11,8 +11,8 @@ an earlier item learnable (90% where either alone gives 70%, docs/LEARNING.md#bi
 * every token of an image span gets the RoPE position of its first token (as Qwen2-VL's M-RoPE
   does for an image's time axis), so the label in front of it sits at one fixed distance from all
   of it. A clip's tokens keep one position each: they are its time axis (as Qwen2.5-Omni's TMRoPE
-  gives audio), and an LM that sees them as a bag can only tell how much sound there is, not in
-  which order (docs/LEARNING.md, "Audio spans keep their time").
+  gives audio), and with one position for all of them the LM reads how much of each sound a clip
+  holds but hardly in which order (docs/LEARNING.md, "Audio spans keep their time").
 
 Both are computed from ``input_ids`` (and the packed ``position_ids``, whose zeros start each
 sample), so training, evaluation and serving agree without extra inputs.
