@@ -19,8 +19,10 @@ WINDOW_SECONDS = 30.0
 MEL_FRAMES_PER_SECOND = 100
 """Whisper's mel hop is 10 ms; the encoder's stride-2 conv halves this to 50 features/s."""
 ENCODER_FRAMES_PER_SECOND = 50
-SPAN_MODALITIES = ("image", "audio")
-"""The modalities a media span holds (mmm.schema.IMAGE and AUDIO)."""
+IMAGE = "image"
+AUDIO = "audio"
+MODALITIES = (IMAGE, AUDIO)
+"""The media a conversation holds; mmm.schema re-exports them for its ``modality`` columns."""
 
 
 @dataclass
@@ -142,11 +144,11 @@ class LLMConfig:
             raise ValueError(f"llm.tie_embeddings applies to a randomly built LM; {self.pretrained!r} keeps its "
                              "own tying: set llm.tie_embeddings=false")
         if isinstance(self.shared_span_positions, bool):  # checkpoints saved when it was on/off for both
-            self.shared_span_positions = list(SPAN_MODALITIES) if self.shared_span_positions else []
-        unknown = sorted(set(self.shared_span_positions) - set(SPAN_MODALITIES))
+            self.shared_span_positions = list(MODALITIES) if self.shared_span_positions else []
+        unknown = sorted(set(self.shared_span_positions) - set(MODALITIES))
         if unknown:
             raise ValueError(f"llm.shared_span_positions: unknown modalities {unknown}; "
-                             f"choose from {list(SPAN_MODALITIES)}")
+                             f"choose from {list(MODALITIES)}")
         if self.shared_span_positions and self.attention != "mmm_packed_sdpa":
             raise ValueError(
                 f"llm.shared_span_positions needs llm.attention='mmm_packed_sdpa', not {self.attention!r}: "
@@ -216,7 +218,7 @@ def _tiny() -> ModelConfig:
         audio=AudioConfig(window_seconds=5.0),
         projector=ProjectorConfig(item_ordinals=8),
         # 8192 tokens hold an MMDU-sized chat (27 turns, 20 images, 10 clips) or a 10-minute clip
-        llm=LLMConfig(num_layers=3, shared_span_positions=["image"], tie_embeddings=True, max_context=8192,
+        llm=LLMConfig(num_layers=3, shared_span_positions=[IMAGE], tie_embeddings=True, max_context=8192,
                       max_position_embeddings=8192),
     )
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-IMAGE = "image"
-AUDIO = "audio"
-MODALITIES = (IMAGE, AUDIO)
+from .config import AUDIO, IMAGE, MODALITIES  # noqa: F401 (the values of every ``modality`` column)
 
 KINDS = ("audio_instruction", "visual_context", "multi_image", "multi_audio", "image_audio")
 LANGS = ("en", "ms")
