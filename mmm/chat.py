@@ -73,7 +73,11 @@ def _join_parts(parts) -> str:
 
 def media_modalities(messages) -> list[str]:
     """Modality of every media span across the conversation, in order."""
-    return [m.group(1) for msg in messages for m in _SPAN.finditer(content_to_text(msg["content"]))]
+    return _span_modalities(content_to_text(msg["content"]) for msg in messages)
+
+
+def _span_modalities(texts) -> list[str]:
+    return [m.group(1) for text in texts for m in _SPAN.finditer(text)]
 
 
 def _expand(text: str, counts: list[int], start: int, numbers: dict[str, int] | None) -> tuple[str, int]:
@@ -108,7 +112,8 @@ def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool 
     """Render a conversation; ``media_token_counts[i]`` is the projected length of media item i.
     ``continue_final_message`` leaves the last (assistant) message open, so generation continues
     it (vLLM's option of the same name); it excludes ``add_generation_prompt``."""
-    modalities = media_modalities(messages)
+    texts = [content_to_text(msg["content"]) for msg in messages]
+    modalities = _span_modalities(texts)
     counts = [int(c) for c in media_token_counts]
     if len(modalities) != len(counts):
         raise PlaceholderMismatchError(
@@ -118,8 +123,8 @@ def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool 
     if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
         raise ValueError("continue_final_message needs the last message to be the assistant's, and no generation prompt")
     expanded, index, numbers = [], 0, ({} if number_media else None)
-    for msg in messages:
-        text, index = _expand(content_to_text(msg["content"]), counts, index, numbers)
+    for msg, text in zip(messages, texts):
+        text, index = _expand(text, counts, index, numbers)
         expanded.append({"role": msg["role"], "content": text})
     out = tokenizer.apply_chat_template(
         expanded,
