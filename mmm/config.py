@@ -71,15 +71,17 @@ class AudioConfig:
     window_batch: int = 8
     """Windows the encoder runs at once: a 10-minute clip's 20 windows go through in chunks, so the
     encoder's activation memory stays that of 8 windows whatever the clip's length."""
-    window_seconds: float = WINDOW_SECONDS
-    """Length of one encoder window. Pretrained Whisper is fixed at 30 s (every window is padded to
-    it). The tiny preset's random encoder has no such constraint and its clips are 1-3 s long, so
-    it uses 5 s windows: 6x less encoder work per clip, the same code path."""
+    window_seconds: float | None = None
+    """Length of one encoder window, in whole seconds; None is the checkpoint's own (30 s for every
+    Whisper) or 30 s for a random encoder. Every window is padded to this length, so a short clip
+    costs the whole window: a shorter one runs a pretrained Whisper on the first of its positions
+    (mmm/encoders.py ``windowed``), and the tiny preset's random encoder, whose clips are 1-3 s
+    long, uses 5 s windows: 6x less encoder work per clip, the same code path."""
 
     @property
     def positions(self) -> int:
-        """Encoder frames per window (Whisper's max_source_positions; 1500 for 30 s)."""
-        return int(self.window_seconds * ENCODER_FRAMES_PER_SECOND)
+        """Encoder frames per window of a random encoder (Whisper's max_source_positions)."""
+        return int((self.window_seconds or WINDOW_SECONDS) * ENCODER_FRAMES_PER_SECOND)
 
 
 @dataclass
@@ -243,7 +245,7 @@ def _mistral() -> ModelConfig:
 
 def _small_real() -> ModelConfig:
     """Real pretrained audio and language weights that fit a CPU: Whisper-base's encoder (74M-param
-    Whisper, encoder 20.6M; 30 s windows, only the frames that cover audio kept) and
+    Whisper, encoder 20.6M; 10 s windows, only the frames that cover audio kept) and
     SmolLM2-135M-Instruct (134.5M, 30 layers, 8192 positions) with its own tokenizer extended by
     MMM's media tokens. The vision tower is a SMALL RANDOM SigLIP (the tiny preset's sizes: 32 px,
     16 patches): no real SigLIP/CLIP weights exist in any registry package, so none exist offline.
@@ -253,13 +255,17 @@ def _small_real() -> ModelConfig:
     same preset takes hub names: ``audio.pretrained=openai/whisper-base
     llm.pretrained=HuggingFaceTB/SmolLM2-135M-Instruct``. Real-preset semantics: no item-number
     vectors, the LM's own positions and tying.
+
+    Whisper runs on 10 s windows, the first 500 of its 1500 positions: its clips are 1-5 s phrases,
+    and a 30 s window would make their features cost 5x more for transcription no better
+    (docs/LEARNING.md, "Shorter Whisper windows"). ``audio.window_seconds=null`` restores 30 s.
     """
     from .weights import local_path
 
     return ModelConfig(
         preset="small-real",
         vision=VisionConfig(),
-        audio=AudioConfig(pretrained=local_path("whisper-base"), init_std=0.02),
+        audio=AudioConfig(pretrained=local_path("whisper-base"), init_std=0.02, window_seconds=10.0),
         projector=ProjectorConfig(),
         # 2048 of the LM's 8192 positions: a 30 s clip is 375 tokens, so several clips and turns fit, and
         # CPU attention stays cheap; raise it for longer conversations

@@ -8,6 +8,7 @@ feature store) and serving can compute them on demand: both paths meet in ``MMMM
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -167,10 +168,11 @@ def frames_for(num_samples: int) -> int:
 
 
 class AudioEncoder(nn.Module):
-    """Whisper encoder over fixed windows (30 s), keeping only the frames that cover real audio.
+    """Whisper encoder over fixed windows (30 s unless ``window_seconds`` says less), keeping only
+    the frames that cover real audio.
 
-    Whisper always sees a full 30 s window (its positions are fixed), but the frames past the
-    end of the clip hold padding: dropping them makes a 3 s clip cost a tenth of a 30 s one.
+    Whisper always sees a full window (its positions are fixed), but the frames past the end of
+    the clip hold padding: dropping them makes a 3 s clip's tokens a tenth of a 30 s one's.
     Audio longer than a window is covered by consecutive windows, concatenated in time.
     """
 
@@ -189,8 +191,9 @@ class AudioEncoder(nn.Module):
             seconds = architecture.max_source_positions // ENCODER_FRAMES_PER_SECOND
             self.extractor = WhisperFeatureExtractor(feature_size=architecture.num_mel_bins, chunk_length=seconds)
         elif source:
-            self.encoder = load_pretrained(_load_whisper_encoder, source, "audio")
-            self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, source, "audio features")
+            self.encoder = windowed(load_pretrained(_load_whisper_encoder, source, "audio"), cfg.window_seconds)
+            self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, source, "audio features",
+                                             **_chunk(cfg.window_seconds))
         else:
             torch.manual_seed(seed + 1)
             self.encoder = WhisperEncoder(
@@ -208,7 +211,7 @@ class AudioEncoder(nn.Module):
             )
             self.encoder.post_init()
             self.extractor = WhisperFeatureExtractor(
-                feature_size=cfg.num_mel_bins, chunk_length=int(cfg.window_seconds)
+                feature_size=cfg.num_mel_bins, chunk_length=cfg.positions // ENCODER_FRAMES_PER_SECOND
             )
         _freeze(self.encoder)
         self.hidden_size = self.encoder.config.d_model
@@ -247,6 +250,41 @@ class AudioEncoder(nn.Module):
             for (i, w), f in zip(chunk, feats):
                 per_item[i].append(f[: frames_for(len(w))])
         return [torch.cat(parts, dim=0) for parts in per_item]
+
+
+def _chunk(window_seconds: float | None) -> dict:
+    """The feature extractor's window override: none keeps the checkpoint's."""
+    return {} if window_seconds is None else {"chunk_length": int(window_seconds)}
+
+
+def windowed(encoder, window_seconds: float | None):
+    """``encoder`` over windows of ``window_seconds``: the same weights, its first positions only.
+
+    Whisper's encoder positions are fixed sinusoids and each window is padded to full length, so a
+    2 s clip in a 10 s window costs a fifth of the work of a 30 s one; the features of its frames
+    are close to, not equal to, the 30 s window's (docs/LEARNING.md, "Shorter Whisper windows").
+    """
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    have = encoder.config.max_source_positions
+    if window_seconds is None:
+        return encoder
+    positions = int(window_seconds * ENCODER_FRAMES_PER_SECOND)
+    if window_seconds != int(window_seconds) or not 1 <= positions <= have:
+        raise ValueError(
+            f"audio.window_seconds={window_seconds:g} does not fit this Whisper checkpoint: its window "
+            f"holds {have // ENCODER_FRAMES_PER_SECOND} s ({have} positions); give a whole number of "
+            f"seconds up to {have // ENCODER_FRAMES_PER_SECOND}"
+        )
+    if positions == have:
+        return encoder
+    config = copy.deepcopy(encoder.config)
+    config.max_source_positions = positions
+    shorter = WhisperEncoder(config).to(next(encoder.parameters()).dtype)
+    state = encoder.state_dict()
+    state["embed_positions.weight"] = state["embed_positions.weight"][:positions]
+    shorter.load_state_dict(state)
+    return shorter
 
 
 def _load_whisper_encoder(name: str):

@@ -70,6 +70,33 @@ def test_same_checkpoint_in_two_folders_has_one_name(checkpoints):
     assert AudioEncoder(tiny.audio, tiny.seed).name.startswith("whisper:tiny-random-")
 
 
+def test_a_shorter_window_runs_the_checkpoint_on_its_first_positions(checkpoints, tmp_path):
+    """``audio.window_seconds`` below the checkpoint's window: the same weights, fewer positions,
+    its own feature-store name, and a saved model reloads with the window it was trained on."""
+    import torch
+    from mmm.encoders import AudioEncoder
+    from mmm.model import MMMModel
+
+    full = AudioEncoder(AudioConfig(pretrained=checkpoints["whisper"]))
+    short = AudioEncoder(AudioConfig(pretrained=checkpoints["whisper"], window_seconds=2))
+    assert (full.positions, full.extractor.nb_max_frames) == (250, 500), "None keeps the checkpoint's 5 s"
+    assert (short.positions, short.extractor.nb_max_frames, short.window_samples) == (100, 200, 32_000)
+    assert torch.equal(short.encoder.embed_positions.weight, full.encoder.embed_positions.weight[:100])
+    assert torch.equal(short.encoder.layers[0].fc1.weight, full.encoder.layers[0].fc1.weight)
+    assert short.name.endswith(":2s") and short.name != full.name, "the two windows never share stored features"
+    wave = tone(3.5)  # two windows of 2 s (the second 1.5 s), 175 frames in all, as in one 5 s window
+    assert short.encode([wave])[0].shape == full.encode([wave])[0].shape == (175, 32)
+    for bad in (6, 2.5, 0):
+        with pytest.raises(ValueError, match=rf"window_seconds={bad:g} does not fit .* 5 s \(250 positions\)"):
+            AudioEncoder(AudioConfig(pretrained=checkpoints["whisper"], window_seconds=bad))
+
+    cfg = preset("tiny")
+    cfg.audio = AudioConfig(pretrained=checkpoints["whisper"], window_seconds=2)
+    MMMModel.build(cfg).save_pretrained(str(tmp_path / "mmm"), phase="stage1")
+    loaded = MMMModel.from_pretrained(str(tmp_path / "mmm"))
+    assert (loaded.audio.name, loaded.audio.positions) == (short.name, 100)
+
+
 def test_saved_and_reloaded_checkpoint_keeps_the_names(checkpoints, tmp_path):
     from mmm.model import MMMModel
 

@@ -110,7 +110,7 @@ def test_small_real_preset_builds_renders_and_generates(weights_root, monkeypatc
     assert tok.convert_tokens_to_ids([TURN_START, TURN_END]) == [1, 2]
     assert len(tok) == 49_152 + len(MEDIA_TOKENS) == model.llm.get_input_embeddings().num_embeddings
     assert tok.pad_token not in (TURN_END, tok.eos_token)
-    assert model.audio.extractor.nb_max_frames == 3000 and model.audio.positions == 1500
+    assert model.audio.extractor.nb_max_frames == 1000 and model.audio.positions == 500  # 10 s windows
 
     wave = librosa.load(RECORDING, sr=16_000)[0] if RECORDING.exists() else np.zeros(24_000, np.float32)
     feats = model.encode_media("audio", [wave])
