@@ -152,7 +152,8 @@ def stage1(ray_local, work):
 
 @pytest.fixture(scope="module")
 def stage2(stage1, work):
-    argv = [*_args(work, "finetune", STEPS2, STEPS2), f"model.init={stage1.final}"]
+    # the test's own rate: 8 steps must move the loss whatever rate the preset's 1600-step recipe uses
+    argv = [*_args(work, "finetune", STEPS2, STEPS2), f"model.init={stage1.final}", "train.lr=2e-3"]
     cfg, _, _ = stages.parse_args("finetune", argv, "")
     result = stages.run(cfg, train_hooks=_hooks(batches_by_modality))
     return SimpleNamespace(cfg=cfg, summary=result, final=work / "stage2" / "final",
