@@ -81,7 +81,8 @@ class AudioConfig:
     @property
     def positions(self) -> int:
         """Encoder frames per window of a random encoder (Whisper's max_source_positions)."""
-        return int((self.window_seconds or WINDOW_SECONDS) * ENCODER_FRAMES_PER_SECOND)
+        seconds = WINDOW_SECONDS if self.window_seconds is None else self.window_seconds
+        return int(seconds * ENCODER_FRAMES_PER_SECOND)
 
 
 @dataclass

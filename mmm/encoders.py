@@ -192,8 +192,9 @@ class AudioEncoder(nn.Module):
             self.extractor = WhisperFeatureExtractor(feature_size=architecture.num_mel_bins, chunk_length=seconds)
         elif source:
             self.encoder = windowed(load_pretrained(_load_whisper_encoder, source, "audio"), cfg.window_seconds)
+            seconds = self.encoder.config.max_source_positions // ENCODER_FRAMES_PER_SECOND
             self.extractor = load_pretrained(WhisperFeatureExtractor.from_pretrained, source, "audio features",
-                                             **_chunk(cfg.window_seconds))
+                                             chunk_length=seconds)
         else:
             torch.manual_seed(seed + 1)
             self.encoder = WhisperEncoder(
@@ -252,11 +253,6 @@ class AudioEncoder(nn.Module):
         return [torch.cat(parts, dim=0) for parts in per_item]
 
 
-def _chunk(window_seconds: float | None) -> dict:
-    """The feature extractor's window override: none keeps the checkpoint's."""
-    return {} if window_seconds is None else {"chunk_length": int(window_seconds)}
-
-
 def windowed(encoder, window_seconds: float | None):
     """``encoder`` over windows of ``window_seconds``: the same weights, its first positions only.
 
@@ -266,9 +262,9 @@ def windowed(encoder, window_seconds: float | None):
     """
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    have = encoder.config.max_source_positions
     if window_seconds is None:
         return encoder
+    have = encoder.config.max_source_positions
     positions = int(window_seconds * ENCODER_FRAMES_PER_SECOND)
     if window_seconds != int(window_seconds) or not 1 <= positions <= have:
         raise ValueError(
