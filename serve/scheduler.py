@@ -77,6 +77,7 @@ class Scheduler:
         self._pending: deque[_Group] = deque()
         self._worker: asyncio.Task | None = None
         self._took: dict[str, float] = {}  # seconds the last call of each kind took
+        self._admitting: list[_Group] = []
 
     async def submit(self, requests: list) -> AsyncIterator[list]:
         group = _Group(list(requests))
@@ -104,6 +105,13 @@ class Scheduler:
         groups = self._take(self.max_rows - len(rows))
         if not groups:
             return decoder, rows
+        self._admitting = groups  # out of the queue and not yet rows: a failure below must reach them
+        decoder, rows = await self._join(decoder, rows, groups)
+        self._admitting = []
+        return decoder, rows
+
+    async def _join(self, decoder, rows: list[_Row], groups: list[_Group]):
+        """Prepare and prefill the groups; their requests' first events; the batch with their rows."""
         requests = [r for g in groups for r in g.requests]
         prepared = await self._call("prepare", self.service.prepare, requests)
         new_rows, k = [], 0
@@ -130,14 +138,19 @@ class Scheduler:
         return decoder, rows + new_rows
 
     async def _call(self, kind: str, fn, *args):
-        """``fn(*args)``: on the loop when the last call of this kind was short, else in a thread."""
-        t0 = time.perf_counter()
-        if self._took.get(kind, float("inf")) < INLINE_S:
+        """``fn(*args)``: on the loop when the last call of this kind was short, else in a thread.
+        The call's own time decides, not the thread's hand-off and the wait for the loop to resume:
+        those would keep a short call in a thread for good once one run of it was slow."""
+
+        def timed():
+            t0 = time.perf_counter()
             out = fn(*args)
-        else:
-            out = await asyncio.to_thread(fn, *args)
-        self._took[kind] = time.perf_counter() - t0
-        return out
+            self._took[kind] = time.perf_counter() - t0
+            return out
+
+        if self._took.get(kind, float("inf")) < INLINE_S:
+            return timed()
+        return await asyncio.to_thread(timed)
 
     async def _step(self, decoder, rows: list[_Row]) -> list[_Row]:
         t0 = time.perf_counter()
@@ -171,7 +184,8 @@ class Scheduler:
                 if not rows:
                     decoder = None
         except Exception as e:  # a bug in the model path: every caller in flight gets it (a 500)
-            for group in {id(r.group): r.group for r in rows}.values():
+            groups = {id(g): g for g in [r.group for r in rows] + self._admitting}
+            for group in groups.values():
                 group.queue.put_nowait(e)
             while self._pending:
                 self._pending.popleft().queue.put_nowait(e)

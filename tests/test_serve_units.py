@@ -327,6 +327,37 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     assert service.stats()["max_batch"] == 3
 
 
+def test_a_failed_prefill_fails_its_requests_and_the_running_ones_without_hanging():
+    engine = FakeEngine()
+    start, calls = engine.start, []
+
+    def second_fails(p, q):
+        calls.append(len(p))
+        if len(calls) > 1:
+            raise RuntimeError("prefill bug")
+        return start(p, q)
+
+    engine.start = second_fails
+    from serve.scheduler import Scheduler
+
+    scheduler = Scheduler(ChatService(engine, FeatureCache(0)), engine, 16)
+
+    async def one(group, delay):
+        await asyncio.sleep(delay)
+        try:
+            async for _ in scheduler.submit(group):
+                pass
+        except RuntimeError as e:
+            return str(e)
+        return "finished"
+
+    async def go():
+        runs = [one([req([], max_tokens=45)], 0.0), one([req([], max_tokens=3)], 0.03)]
+        return await asyncio.wait_for(asyncio.gather(*runs), timeout=10)
+
+    assert asyncio.run(go()) == ["prefill bug", "prefill bug"]
+
+
 def test_short_calls_run_on_the_loop_and_long_ones_in_threads():
     """A step whose last run took under INLINE_S runs on the event loop (no thread hand-off);
     a longer one keeps running in a worker thread."""
