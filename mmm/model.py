@@ -75,7 +75,7 @@ class MMMModel(nn.Module):
         p = config.projector
         self.vision_projector = VisionProjector(vision.hidden_size, d, p.vision_hidden, vision.num_patches)
         self.audio_projector = AudioProjector(audio.hidden_size, d, p.audio_hidden, p.audio_stride,
-                                              audio.positions if p.audio_norm_per_position else 1)
+                                              audio.positions if p.audio_norm_per_position else 1, p.audio_context)
         self.item_ordinals = ItemOrdinals(MODALITIES, p.item_ordinals, d) if p.item_ordinals else None
         self.pad_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in ((IMAGE, IMAGE_PAD), (AUDIO, AUDIO_PAD))}
         self.open_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in ((IMAGE, IMAGE_START), (AUDIO, AUDIO_START))}

@@ -57,18 +57,23 @@ class VisionProjector(nn.Module):
 
 
 class AudioProjector(nn.Module):
-    """Temporal downsampling by ``stride`` (Conv1d, kernel = stride), then GELU and a linear layer.
+    """Temporal downsampling by ``stride`` (Conv1d), then GELU and a linear layer.
 
-    A non-overlapping kernel makes it a 2-layer MLP over stacked frames, so token count is exactly
-    ceil(frames / stride): proportional to the clip's duration.
+    Each token reads its own ``stride`` frames and ``context`` frames on either side (kernel
+    ``stride + 2 * context``; the paper's projector reads 40 frames a stride of 3). With no context
+    it is a 2-layer MLP over stacked frames; with some, a token also sees where its neighbours
+    differ from it, which is where a sound starts or stops. Token count is ceil(frames / stride)
+    either way: proportional to the clip's duration.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None, stride: int, positions: int):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None, stride: int, positions: int, context: int = 0):
         super().__init__()
+        if context < 0:
+            raise ValueError(f"audio projector context must be >= 0 frames, got {context}")
         hidden = hidden or out_dim
-        self.stride = stride
+        self.stride, self.context = stride, context
         self.norm = FeatureNorm(positions, in_dim)  # per frame of a window; positions=1: per channel
-        self.conv = nn.Conv1d(in_dim, hidden, kernel_size=stride, stride=stride)
+        self.conv = nn.Conv1d(in_dim, hidden, kernel_size=stride + 2 * context, stride=stride)
         self.act = nn.GELU()
         self.linear = nn.Linear(hidden, out_dim)
 
@@ -79,7 +84,8 @@ class AudioProjector(nn.Module):
         """(T, Da) -> (ceil(T / stride), D)."""
         x = self.norm(feats)
         pad = self.num_tokens(x.shape[0]) * self.stride - x.shape[0]
-        x = nn.functional.pad(x, (0, 0, 0, pad))  # (T', Da), zeros after the clip's end
+        # zeros (the standardised mean) before the clip's start and after its end
+        x = nn.functional.pad(x, (0, 0, self.context, pad + self.context))
         x = self.conv(x.T.unsqueeze(0)).squeeze(0).T  # (T' / stride, H)
         return self.linear(self.act(x))
 

@@ -108,6 +108,23 @@ def test_audio_tokens_proportional_to_duration():
     assert abs(tokens[1] / tokens[0] - 10) < 0.2 and abs(tokens[2] / tokens[1] - 2.5) < 0.01
 
 
+def test_audio_context_lets_a_token_read_its_neighbours_frames():
+    from mmm.projectors import AudioProjector
+
+    torch.manual_seed(0)
+    feats = torch.randn(40, 8)
+    moved = feats.clone()
+    moved[12] += 5.0  # the first frame of token 3 (frames 12-15)
+    for context, changed in ((0, [3]), (2, [2, 3])):
+        projector = AudioProjector(8, 16, None, stride=4, positions=1, context=context)
+        out, out_moved = projector(feats), projector(moved)
+        assert out.shape == (10, 16)  # ceil(40 / 4) whatever the context
+        differs = (out - out_moved).abs().amax(dim=-1) > 1e-6
+        assert differs.nonzero().flatten().tolist() == changed
+    with pytest.raises(ValueError, match="context must be >= 0"):
+        AudioProjector(8, 16, None, stride=4, positions=1, context=-1)
+
+
 def test_stage1_freezing_and_dummy_gradients(tiny_model):
     from mmm.config import preset
     from mmm.model import MMMModel
