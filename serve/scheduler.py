@@ -77,7 +77,6 @@ class Scheduler:
         self._pending: deque[_Group] = deque()
         self._worker: asyncio.Task | None = None
         self._took: dict[str, float] = {}  # seconds the last call of each kind took
-        self._admitting: list[_Group] = []
 
     async def submit(self, requests: list) -> AsyncIterator[list]:
         group = _Group(list(requests))
@@ -105,10 +104,12 @@ class Scheduler:
         groups = self._take(self.max_rows - len(rows))
         if not groups:
             return decoder, rows
-        self._admitting = groups  # out of the queue and not yet rows: a failure below must reach them
-        decoder, rows = await self._join(decoder, rows, groups)
-        self._admitting = []
-        return decoder, rows
+        try:
+            return await self._join(decoder, rows, groups)
+        except Exception as e:  # out of the queue and not yet rows: the loop's handler cannot reach them
+            for group in groups:
+                group.queue.put_nowait(e)
+            raise
 
     async def _join(self, decoder, rows: list[_Row], groups: list[_Group]):
         """Prepare and prefill the groups; their requests' first events; the batch with their rows."""
@@ -184,8 +185,7 @@ class Scheduler:
                 if not rows:
                     decoder = None
         except Exception as e:  # a bug in the model path: every caller in flight gets it (a 500)
-            groups = {id(g): g for g in [r.group for r in rows] + self._admitting}
-            for group in groups.values():
+            for group in {id(r.group): r.group for r in rows}.values():
                 group.queue.put_nowait(e)
             while self._pending:
                 self._pending.popleft().queue.put_nowait(e)
