@@ -54,7 +54,9 @@ async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(err.body(), status_code=500)
 
 
-@serve.deployment(max_ongoing_requests=32)
+# No access log here: each call is one the ingress already logs as an HTTP line, and the replica's
+# loop is where every request's CPU counts.
+@serve.deployment(max_ongoing_requests=32, logging_config={"enable_access_log": False})
 class ChatModel:
     """Encoders + LM of one replica. ``@serve.batch`` hands concurrent requests over as one list."""
 
@@ -98,11 +100,15 @@ class ChatModel:
     async def complete(self, request: ChatRequest) -> Event:
         """A non-streaming request's one event, its error or its finished answer, as a plain reply:
         a unary call costs the ingress less than a one-item stream (docs/SERVING.md, "Short calls
-        on the loop"). Cancelled with its caller like ``chat``."""
+        on the loop"). Cancelled with its caller like ``chat``. Reads the stream to its end, which
+        comes right after the final event: a stream left open leaves @serve.batch's next result
+        unread, and asyncio logs each such result with a traceback."""
+        final = None
         async for event in self.chat(request):
-            if event.final:
-                return event
-        raise RuntimeError("the model replica ended a request without its final event")
+            final = event if event.final else final
+        if final is None:
+            raise RuntimeError("the model replica ended a request without its final event")
+        return final
 
     def info(self) -> dict:
         return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}

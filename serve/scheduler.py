@@ -33,35 +33,31 @@ large share of a small LM's step (docs/SERVING.md, "Short calls on the loop"), a
 short holds the loop no longer than the interpreter's GIL switch interval (5 ms) would. Longer
 calls (real LMs on a CPU, media to encode, long prompts) leave the loop free for new requests,
 cancellations and streamed events while they run."""
-_LIVE, _DONE, _STOPPED = 0, 1, 2
 
 
 @dataclass
 class _Group:
     requests: list
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    state: list = field(default_factory=list)
+    live: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.state = [_LIVE] * len(self.requests)
+        self.live = [True] * len(self.requests)
 
     def send(self, news: dict[int, Event]) -> None:
-        """One list for the group: new events; StopIteration for requests whose final event went out
-        earlier (so @serve.batch releases them); None elsewhere. Ends the group when all are over."""
-        out = []
-        for i, state in enumerate(self.state):
-            if i in news:
-                out.append(news[i])
-                if news[i].final:
-                    self.state[i] = _DONE
-            elif state == _DONE:
-                out.append(StopIteration)
-                self.state[i] = _STOPPED
-            else:
-                out.append(StopIteration if state == _STOPPED else None)
-        self.queue.put_nowait(out)
-        if all(s != _LIVE for s in self.state):
+        """One list for the group: new events, None where a live request has none, StopIteration for
+        requests already over. A request's final event is followed at once by a list that ends its
+        stream, so that @serve.batch releases it now rather than at the group's next step, and a
+        caller that reads to the end of its stream waits for nothing more. Ends the group when all
+        are over."""
+        self.queue.put_nowait([news.get(i) if live else StopIteration for i, live in enumerate(self.live)])
+        finished = [i for i, event in news.items() if event.final]
+        for i in finished:
+            self.live[i] = False
+        if not any(self.live):
             self.queue.put_nowait(_END)
+        elif finished:
+            self.queue.put_nowait([None if live else StopIteration for live in self.live])
 
 
 @dataclass

@@ -327,6 +327,30 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     assert service.stats()["max_batch"] == 3
 
 
+def test_a_finished_request_is_released_before_the_next_step():
+    """A request's final event is followed by the end of its stream at once, while the other rows
+    of its group keep running: @serve.batch releases it, and a caller that reads its stream to the
+    end (the non-streaming path) neither waits for the next step nor leaves a result unread."""
+    from serve.scheduler import Scheduler
+
+    engine = FakeEngine()
+    decoders = []
+    start = engine.start
+    engine.start = lambda p, q: decoders.append(start(p, q)) or decoders[-1]
+    scheduler = Scheduler(ChatService(engine, FeatureCache(0)), engine, 16)
+
+    async def go():
+        seen = []  # (steps taken so far, what the short request got)
+        async for events in scheduler.submit([req([], max_tokens=2), req([], max_tokens=8)]):
+            seen.append((len(decoders[0].sizes), events[0]))
+        return seen
+
+    seen = asyncio.run(go())
+    final_at = next(k for k, (_, e) in enumerate(seen) if e not in (None, StopIteration) and e.final)
+    assert seen[final_at + 1] == (seen[final_at][0], StopIteration)
+    assert all(e is StopIteration for _, e in seen[final_at + 1:])
+
+
 def test_a_failed_prefill_fails_its_requests_and_the_running_ones_without_hanging():
     engine = FakeEngine()
     start, calls = engine.start, []
