@@ -83,8 +83,8 @@ def _ask(scheduler, messages, media, max_tokens: int):
 async def final_event(scheduler, req):
     """``req``'s last event through ``scheduler`` (serve/scheduler.py's protocol); its error raised."""
     last = None
-    async for events in scheduler.submit([req]):
-        last = events[0] if events[0] not in (None, StopIteration) else last
+    async for last in scheduler.submit(req):
+        pass
     if last.error is not None:
         raise RuntimeError(last.error.message)
     return last

@@ -6,7 +6,7 @@
 
 Two deployments composed with ``.bind()``: ``ChatIngress`` (FastAPI: auth, body limits, request
 parsing, remote-image fetches, OpenAI responses and SSE) and ``ChatModel`` (encoders + LM; groups
-concurrent requests with ``@serve.batch`` and caches encoder features). Routes:
+its scheduler joins concurrent requests into one running batch; caches encoder features). Routes:
 ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/stats`` (cache hit/miss/evictions),
 ``GET /health``.
 """
@@ -58,41 +58,31 @@ async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
 # loop is where every request's CPU counts.
 @serve.deployment(max_ongoing_requests=32, logging_config={"enable_access_log": False})
 class ChatModel:
-    """Encoders + LM of one replica. ``@serve.batch`` hands concurrent requests over as one list."""
+    """Encoders + LM of one replica. Every request goes straight to the replica's one scheduler,
+    which joins it to the running batch at the next decode step (``serve.scheduler``)."""
 
     def __init__(self, args: dict, checkpoint: str | None) -> None:
         import ray
 
         from .cache import FeatureCache
         from .engine import load_engine
-        from .service import ChatService
-
         from .scheduler import Scheduler
+        from .service import ChatService
 
         cfg = ServeArgs.model_validate(args)
         # The GPU follows the resources Ray gave this replica (the deploy YAML may add num_gpus).
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         engine = load_engine(checkpoint, cfg.preset, cfg.model_name, device, cfg.storage_options, cfg.prefix_cache_bytes)
         self.service = ChatService(engine, FeatureCache(cfg.cache_bytes), cfg.limits())
-        self.scheduler = Scheduler(self.service, engine, cfg.max_batch_size)
-        self.chat_batch.set_max_batch_size(cfg.max_batch_size)
-        self.chat_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
-    # Many groups may be in flight: the Scheduler joins them into the running batch between decode
-    # steps (with one at a time, @serve.batch queues small groups behind the running one).
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
-    async def chat_batch(self, requests: list[ChatRequest]):
-        async for events in self.scheduler.submit(requests):
-            yield events
+        self.scheduler = Scheduler(self.service, engine, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
     async def chat(self, request: ChatRequest):
-        """One request's events (see ``serve.service``); ``None`` steps are not sent. When the client
-        goes away (Serve cancels this generator), the request is marked so that the scheduler drops
-        its row at the next decode step."""
+        """One request's events (see ``serve.service``). When the client goes away (Serve cancels
+        this generator), the request is marked so that the scheduler drops its row at the next
+        decode step."""
         try:
-            async for event in self.chat_batch(request):
-                if event is not None:
-                    yield event
+            async for event in self.scheduler.submit(request):
+                yield event
         except (asyncio.CancelledError, GeneratorExit):
             request.cancelled = True
             raise
@@ -100,15 +90,11 @@ class ChatModel:
     async def complete(self, request: ChatRequest) -> Event:
         """A non-streaming request's one event, its error or its finished answer, as a plain reply:
         a unary call costs the ingress less than a one-item stream (docs/SERVING.md, "Short calls
-        on the loop"). Cancelled with its caller like ``chat``. Reads the stream to its end, which
-        comes right after the final event: a stream left open leaves @serve.batch's next result
-        unread, and asyncio logs each such result with a traceback."""
-        final = None
+        on the loop"). Cancelled with its caller like ``chat``."""
         async for event in self.chat(request):
-            final = event if event.final else final
-        if final is None:
-            raise RuntimeError("the model replica ended a request without its final event")
-        return final
+            if event.final:
+                return event
+        raise RuntimeError("the model replica ended a request without its final event")
 
     def info(self) -> dict:
         return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}
@@ -243,7 +229,7 @@ def build(args: ServeArgs) -> Application:
                    "target_ongoing_requests": args.target_ongoing_requests}
     model = ChatModel.options(
         autoscaling_config=autoscaling,
-        # @serve.batch only ever sees the requests a replica holds: allow two full batches.
+        # One running batch and a full batch waiting to join it as rows free up.
         max_ongoing_requests=2 * args.max_batch_size,
         ray_actor_options={"num_cpus": args.model_num_cpus, "num_gpus": 1 if use_gpu else 0},
     ).bind(args.model_dump(), resolve_checkpoint(args.checkpoint, args.search_dir))

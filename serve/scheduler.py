@@ -1,16 +1,14 @@
-"""Continuous batching over ``@serve.batch`` groups: requests join the running batch between
-decode steps and leave it as soon as they finish.
+"""Continuous batching: requests join the running batch between decode steps and leave it as
+soon as they finish.
 
-``@serve.batch`` forms a group as soon as its wait timeout passes, even while the previous batch is
-still generating; with ``max_concurrent_batches=1`` those small groups then queue up behind it
-(docs/PERFORMANCE.md, "Serving: one decode loop"). So the deployment lets many groups
-in at once and this class owns the one decode loop of the replica: before each step it admits the
-waiting groups that fit (prepare -> prefill -> merge into the running decoder), then steps every
-row, sends each request its events, and drops finished rows. A lone request starts at once.
+The model replica hands each request to its one scheduler, which owns the replica's decode loop:
+before each step it admits the waiting requests that fit (prepare -> prefill -> merge into the
+running decoder), then steps every row, sends each request its events, and drops finished rows.
+A lone request starts at once (or after ``wait_s``, when set, in case company arrives).
 
     scheduler = Scheduler(service, engine, max_rows=16)
-    async for events in scheduler.submit(requests):   # one entry per request of the group
-        ...   # None (nothing new), a serve.events.Event, or StopIteration once that request is over
+    async for event in scheduler.submit(request):   # serve.events.Event objects; the last is final
+        ...
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from .engine import ChatEngine
 from .events import Event
 from .service import ChatService
 
-_END = object()
 INLINE_S = 0.005
 """A call of the decode loop (prepare, prefill, step, ...) whose last run of the same kind took
 less than this runs on the event loop instead of a worker thread: the thread's hand-off costs a
@@ -36,95 +33,65 @@ cancellations and streamed events while they run."""
 
 
 @dataclass
-class _Group:
-    requests: list
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    live: list = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.live = [True] * len(self.requests)
-
-    def send(self, news: dict[int, Event]) -> None:
-        """One list for the group: new events, None where a live request has none, StopIteration for
-        requests already over. A request's final event is followed at once by a list that ends its
-        stream, so that @serve.batch releases it now rather than at the group's next step, and a
-        caller that reads to the end of its stream waits for nothing more. Ends the group when all
-        are over."""
-        self.queue.put_nowait([news.get(i) if live else StopIteration for i, live in enumerate(self.live)])
-        finished = [i for i, event in news.items() if event.final]
-        for i in finished:
-            self.live[i] = False
-        if not any(self.live):
-            self.queue.put_nowait(_END)
-        elif finished:
-            self.queue.put_nowait([None if live else StopIteration for live in self.live])
+class _Waiting:
+    request: object
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    """What the request hears: Events, the last one final, or the exception that failed it."""
 
 
 @dataclass
 class _Row:
     job: object
-    group: _Group
-    index: int
+    events: asyncio.Queue
 
 
 class Scheduler:
-    def __init__(self, service: ChatService, engine: ChatEngine, max_rows: int) -> None:
-        self.service, self.engine, self.max_rows = service, engine, max_rows
-        self._pending: deque[_Group] = deque()
+    def __init__(self, service: ChatService, engine: ChatEngine, max_rows: int, wait_s: float = 0.0) -> None:
+        self.service, self.engine, self.max_rows, self.wait_s = service, engine, max_rows, wait_s
+        self._pending: deque[_Waiting] = deque()
         self._worker: asyncio.Task | None = None
         self._took: dict[str, float] = {}  # seconds the last call of each kind took
 
-    async def submit(self, requests: list) -> AsyncIterator[list]:
-        group = _Group(list(requests))
-        self._pending.append(group)
+    async def submit(self, request) -> AsyncIterator[Event]:
+        waiting = _Waiting(request)
+        self._pending.append(waiting)
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._loop())
         while True:
-            item = await group.queue.get()
-            if item is _END:
+            event = await waiting.events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if event.final:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
-    def _take(self, room: int) -> list[_Group]:
-        groups = []
-        idle = room == self.max_rows  # an oversized group still runs, alone, when nothing else does
-        while self._pending and (len(self._pending[0].requests) <= room or (idle and not groups)):
-            groups.append(self._pending.popleft())
-            room -= len(groups[-1].requests)
-        return groups
+    def _take(self, room: int) -> list[_Waiting]:
+        return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
 
     async def _admit(self, decoder, rows: list[_Row]):
-        """Prepare and prefill the waiting groups that fit, and merge them into the batch."""
-        groups = self._take(self.max_rows - len(rows))
-        if not groups:
+        """Prepare and prefill the waiting requests that fit, and merge them into the batch."""
+        waiting = self._take(self.max_rows - len(rows))
+        if not waiting:
             return decoder, rows
         try:
-            return await self._join(decoder, rows, groups)
+            return await self._join(decoder, rows, waiting)
         except Exception as e:  # out of the queue and not yet rows: the loop's handler cannot reach them
-            for group in groups:
-                group.queue.put_nowait(e)
+            for w in waiting:
+                w.events.put_nowait(e)
             raise
 
-    async def _join(self, decoder, rows: list[_Row], groups: list[_Group]):
-        """Prepare and prefill the groups; their requests' first events; the batch with their rows."""
-        requests = [r for g in groups for r in g.requests]
-        prepared = await self._call("prepare", self.service.prepare, requests)
-        new_rows, k = [], 0
-        for g in groups:
-            news = {}
-            for i in range(len(g.requests)):
-                event = self.service.first_event(prepared[k])
-                if event is None and prepared[k].req.cancelled:  # its client left while it waited
-                    event = self.service.advance(prepared[k], None)
-                if event is not None:
-                    news[i] = event
-                if event is None or not event.final:
-                    new_rows.append(_Row(prepared[k], g, i))
-                k += 1
-            if news:
-                g.send(news)
+    async def _join(self, decoder, rows: list[_Row], waiting: list[_Waiting]):
+        """Prepare and prefill the requests; their first events; the batch with their rows."""
+        prepared = await self._call("prepare", self.service.prepare, [w.request for w in waiting])
+        new_rows = []
+        for w, job in zip(waiting, prepared):
+            event = self.service.first_event(job)
+            if event is None and job.req.cancelled:  # its client left while it waited
+                event = self.service.advance(job, None)
+            if event is not None:
+                w.events.put_nowait(event)
+            if event is None or not event.final:
+                new_rows.append(_Row(job, w.events))
         if not new_rows:
             return decoder, rows
         fresh = await self._call("start", self.engine.start, [self.service.decoder_input(r.job) for r in new_rows],
@@ -152,27 +119,24 @@ class Scheduler:
     async def _step(self, decoder, rows: list[_Row]) -> list[_Row]:
         t0 = time.perf_counter()
         tokens = await self._call("step", decoder.step)
-        news: dict[int, dict[int, Event]] = {}
-        groups: dict[int, _Group] = {}
         keep = []
         for r, (row, token) in enumerate(zip(rows, tokens)):
             event = self.service.advance(row.job, token)
             if event is not None:
-                news.setdefault(id(row.group), {})[row.index] = event
-                groups[id(row.group)] = row.group
+                row.events.put_nowait(event)
             if row.job.finish_reason is None:
                 keep.append(r)
         if len(keep) < len(rows):
             await self._call("keep", decoder.keep, keep)
         self.service.record_step(len(rows), time.perf_counter() - t0)
-        for gid, group in groups.items():
-            group.send(news[gid])
         return [rows[r] for r in keep]
 
     async def _loop(self) -> None:
         decoder, rows = None, []
         try:
             while self._pending or rows:
+                if decoder is None and self.wait_s > 0:  # idle until now: give company a moment to arrive
+                    await asyncio.sleep(self.wait_s)
                 if self._pending and len(rows) < self.max_rows and (decoder is None or decoder.can_merge):
                     decoder, rows = await self._admit(decoder, rows)
                 if rows:
@@ -181,10 +145,10 @@ class Scheduler:
                 if not rows:
                     decoder = None
         except Exception as e:  # a bug in the model path: every caller in flight gets it (a 500)
-            for group in {id(r.group): r.group for r in rows}.values():
-                group.queue.put_nowait(e)
+            for row in rows:
+                row.events.put_nowait(e)
             while self._pending:
-                self._pending.popleft().queue.put_nowait(e)
+                self._pending.popleft().events.put_nowait(e)
             raise
         finally:
             self._worker = None

@@ -269,24 +269,18 @@ class FakeDecoder:
 
 
 def run(service, groups, max_rows=16, delay_s=0.0):
-    """Submit groups of requests to a Scheduler (the later ones ``delay_s`` apart); events per request."""
+    """Submit groups of requests to a Scheduler, each group's requests at once and the later groups
+    ``delay_s`` apart; the events of each request, in order."""
     from serve.scheduler import Scheduler
 
     scheduler = Scheduler(service, service.engine, max_rows)
 
-    async def one(group, delay):
+    async def one(request, delay):
         await asyncio.sleep(delay)
-        out = [[] for _ in group]
-        async for events in scheduler.submit(group):
-            assert len(events) == len(group)
-            for i, e in enumerate(events):
-                if e is not None and e is not StopIteration:
-                    out[i].append(e)
-        return out
+        return [event async for event in scheduler.submit(request)]
 
     async def go():
-        results = await asyncio.gather(*(one(g, k * delay_s) for k, g in enumerate(groups)))
-        return [r for group in results for r in group]
+        return await asyncio.gather(*(one(r, k * delay_s) for k, g in enumerate(groups) for r in g))
 
     return asyncio.run(go())
 
@@ -327,10 +321,9 @@ def test_scheduler_joins_running_batch_and_drops_finished_rows():
     assert service.stats()["max_batch"] == 3
 
 
-def test_a_finished_request_is_released_before_the_next_step():
-    """A request's final event is followed by the end of its stream at once, while the other rows
-    of its group keep running: @serve.batch releases it, and a caller that reads its stream to the
-    end (the non-streaming path) neither waits for the next step nor leaves a result unread."""
+def test_a_request_hears_its_final_event_while_the_batch_runs_on():
+    """A request's stream ends with its final event, at the step that finishes it, however long
+    the other rows of the batch keep running."""
     from serve.scheduler import Scheduler
 
     engine = FakeEngine()
@@ -339,16 +332,39 @@ def test_a_finished_request_is_released_before_the_next_step():
     engine.start = lambda p, q: decoders.append(start(p, q)) or decoders[-1]
     scheduler = Scheduler(ChatService(engine, FeatureCache(0)), engine, 16)
 
-    async def go():
-        seen = []  # (steps taken so far, what the short request got)
-        async for events in scheduler.submit([req([], max_tokens=2), req([], max_tokens=8)]):
-            seen.append((len(decoders[0].sizes), events[0]))
-        return seen
+    async def one(max_tokens):
+        events = [event async for event in scheduler.submit(req([], max_tokens=max_tokens))]
+        return events, len(decoders[0].sizes)
 
-    seen = asyncio.run(go())
-    final_at = next(k for k, (_, e) in enumerate(seen) if e not in (None, StopIteration) and e.final)
-    assert seen[final_at + 1] == (seen[final_at][0], StopIteration)
-    assert all(e is StopIteration for _, e in seen[final_at + 1:])
+    async def go():
+        return await asyncio.gather(one(2), one(30))
+
+    (short, steps_short), (long, steps_long) = asyncio.run(go())
+    assert short[-1].final and short[-1].completion_tokens == 2 and steps_short == 2
+    assert long[-1].final and long[-1].completion_tokens == 30 and steps_long == 30
+
+
+def test_an_idle_replica_waits_wait_s_for_company():
+    """With ``wait_s`` (``batch_wait_timeout_s``) a request that finds the replica idle waits that
+    long, so one arriving meanwhile is prefilled with it; without, each starts at once."""
+    from serve.scheduler import Scheduler
+
+    for wait_s, prefills in ((0.0, [1, 1]), (0.2, [2])):
+        engine = FakeEngine()
+        calls = []
+        start = engine.start
+        engine.start = lambda p, q: calls.append(len(p)) or start(p, q)
+        scheduler = Scheduler(ChatService(engine, FeatureCache(0)), engine, 16, wait_s)
+
+        async def one(delay):
+            await asyncio.sleep(delay)
+            return [event async for event in scheduler.submit(req([], max_tokens=20))]
+
+        async def go():
+            return await asyncio.gather(one(0.0), one(0.05))
+
+        assert all(events[-1].completion_tokens == 20 for events in asyncio.run(go()))
+        assert calls == prefills, (wait_s, calls)
 
 
 def test_a_failed_prefill_fails_its_requests_and_the_running_ones_without_hanging():
@@ -366,17 +382,17 @@ def test_a_failed_prefill_fails_its_requests_and_the_running_ones_without_hangin
 
     scheduler = Scheduler(ChatService(engine, FeatureCache(0)), engine, 16)
 
-    async def one(group, delay):
+    async def one(request, delay):
         await asyncio.sleep(delay)
         try:
-            async for _ in scheduler.submit(group):
+            async for _ in scheduler.submit(request):
                 pass
         except RuntimeError as e:
             return str(e)
         return "finished"
 
     async def go():
-        runs = [one([req([], max_tokens=45)], 0.0), one([req([], max_tokens=3)], 0.03)]
+        runs = [one(req([], max_tokens=45), 0.0), one(req([], max_tokens=3), 0.03)]
         return await asyncio.wait_for(asyncio.gather(*runs), timeout=10)
 
     assert asyncio.run(go()) == ["prefill bug", "prefill bug"]
