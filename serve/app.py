@@ -90,11 +90,15 @@ class ChatModel:
     async def complete(self, request: ChatRequest) -> Event:
         """A non-streaming request's one event, its error or its finished answer, as a plain reply:
         a unary call costs the ingress less than a one-item stream (docs/SERVING.md, "Short calls
-        on the loop"). Cancelled with its caller like ``chat``."""
-        async for event in self.chat(request):
-            if event.final:
-                return event
-        raise RuntimeError("the model replica ended a request without its final event")
+        on the loop"). Cancelled with its caller like ``chat``. The stream is read to its end, which
+        is the final event: left open, ``chat`` would be closed later and take the finished request
+        for one whose client went away."""
+        last = None
+        async for last in self.chat(request):
+            pass
+        if last is None or not last.final:
+            raise RuntimeError("the model replica ended a request without its final event")
+        return last
 
     def info(self) -> dict:
         return {"id": self.service.engine.model_id, "max_context": self.service.engine.max_context}
