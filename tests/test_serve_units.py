@@ -268,6 +268,13 @@ class FakeDecoder:
         self.rows += other.rows
 
 
+def record_decoders(engine) -> list:
+    """The decoders ``engine.start`` makes from now on, in order (the list fills as they are made)."""
+    decoders, start = [], engine.start
+    engine.start = lambda p, q: decoders.append(start(p, q)) or decoders[-1]
+    return decoders
+
+
 def run(service, groups, max_rows=16, delay_s=0.0):
     """Submit groups of requests to a Scheduler, each group's requests at once and the later groups
     ``delay_s`` apart; the events of each request, in order."""
@@ -309,9 +316,7 @@ def test_service_batches_dedupes_caches_and_isolates_errors():
 
 def test_scheduler_joins_running_batch_and_drops_finished_rows():
     engine = FakeEngine()
-    decoders = []
-    start = engine.start
-    engine.start = lambda p, q: decoders.append(start(p, q)) or decoders[-1]
+    decoders = record_decoders(engine)
     service = ChatService(engine, FeatureCache(0))
     groups = [[req([], max_tokens=40)], [req([], max_tokens=3), req([], max_tokens=3)], [req([], max_tokens=5)]]
     out = run(service, groups, max_rows=3, delay_s=0.02)
@@ -327,9 +332,7 @@ def test_a_request_hears_its_final_event_while_the_batch_runs_on():
     from serve.scheduler import Scheduler
 
     engine = FakeEngine()
-    decoders = []
-    start = engine.start
-    engine.start = lambda p, q: decoders.append(start(p, q)) or decoders[-1]
+    decoders = record_decoders(engine)
     scheduler = Scheduler(ChatService(engine, FeatureCache(0)), engine, 16)
 
     async def one(max_tokens):
