@@ -93,8 +93,9 @@ class ProjectorConfig:
     """Hidden width of the 2-layer vision MLP; None uses the LM's width (LLaVA-1.5's mlp2x_gelu)."""
     audio_stride: int = 4
     """Audio is downsampled by a Conv1d with stride 4 (50 -> 12.5 tokens/s) and kernel 4 + 2 x
-    ``audio_context``, then a 2-layer MLP. The paper used Conv1d kernel 40 stride 3; stride 4 with
-    the context padded on both sides keeps token counts exactly proportional to duration."""
+    ``audio_context``, then GELU and a linear layer. The paper used Conv1d kernel 40 stride 3;
+    stride 4 with the context padded on both sides keeps token counts exactly proportional to
+    duration."""
     audio_context: int = 0
     """Frames each audio token also reads on either side of its own ``audio_stride`` (0: none). The
     tiny preset reads 4, which scores higher on ``eval`` on every stage-2 seed tried and a little
