@@ -66,7 +66,16 @@ class Scheduler:
                 return
 
     def _take(self, room: int) -> list[_Waiting]:
-        return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        """Up to ``room`` waiting requests, oldest first. One whose client left while it waited is
+        dropped here, before its media are decoded and encoded for nobody."""
+        taken = []
+        while self._pending and len(taken) < room:
+            waiting = self._pending.popleft()
+            if waiting.request.cancelled:
+                self.service.drop_waiting()
+            else:
+                taken.append(waiting)
+        return taken
 
     async def _admit(self, decoder, rows: list[_Row]):
         """Prepare and prefill the waiting requests that fit, and merge them into the batch."""

@@ -49,7 +49,8 @@ class _Stats:
     max_batch: int = 0
     rejected: int = 0
     cancelled: int = 0
-    """Requests whose client went away before the end; their rows left the batch at once."""
+    """Requests whose client went away before the end: their rows left the batch at once, and
+    those still waiting were never prepared."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     encoded: dict = field(default_factory=lambda: {"image": 0, "audio": 0})
@@ -94,6 +95,11 @@ class ChatService:
         if job.finish_reason is not None:
             return self._done(job, delta + job.text.flush())
         return Event.chunk(delta) if delta and job.req.stream else None
+
+    def drop_waiting(self) -> None:
+        """Count a request whose client left while it waited for a batch slot (never prepared)."""
+        self._stats.requests += 1
+        self._stats.cancelled += 1
 
     def record_step(self, rows: int, seconds: float) -> None:
         self._stats.steps += 1

@@ -370,6 +370,37 @@ def test_an_idle_replica_waits_wait_s_for_company():
         assert calls == prefills, (wait_s, calls)
 
 
+def test_a_request_whose_client_left_while_it_waited_is_never_prepared():
+    """With the batch full, a second request waits; its client leaves (``ChatModel.chat`` marks it
+    cancelled as Serve cancels it). When the slot frees, its media are not decoded or encoded, and
+    it counts as cancelled; a request behind it is served."""
+    from serve.scheduler import Scheduler
+
+    engine = FakeEngine()
+    service = ChatService(engine, FeatureCache(0))
+    scheduler = Scheduler(service, engine, max_rows=1)
+    left = req([MediaItem("audio", "p0", b"A" * 300)])
+
+    async def one(request):
+        return [event async for event in scheduler.submit(request)]
+
+    async def go():
+        running = asyncio.create_task(one(req([], max_tokens=30)))
+        await asyncio.sleep(0.01)
+        leaving = asyncio.create_task(one(left))
+        behind = asyncio.create_task(one(req([MediaItem("image", "p0", b"I" * 50)], max_tokens=3)))
+        await asyncio.sleep(0.01)
+        left.cancelled = True
+        leaving.cancel()
+        return await asyncio.wait_for(asyncio.gather(running, behind), timeout=10)
+
+    running, behind = asyncio.run(go())
+    assert running[-1].completion_tokens == 30 and behind[-1].completion_tokens == 3
+    assert engine.encode_calls == [("image", 1)]  # the clip of the request that left: never encoded
+    stats = service.stats()
+    assert stats["requests"] == 3 and stats["cancelled"] == 1
+
+
 def test_a_failed_prefill_fails_its_requests_and_the_running_ones_without_hanging():
     engine = FakeEngine()
     start, calls = engine.start, []
