@@ -14,6 +14,7 @@ A lone request starts at once (or after ``wait_s``, when set, in case company ar
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from typing import AsyncIterator
 from .engine import ChatEngine
 from .events import Event
 from .service import ChatService
+
+log = logging.getLogger(__name__)
 
 INLINE_S = 0.005
 """A call of the decode loop (prepare, prefill, step, ...) whose last run of the same kind took
@@ -154,10 +157,11 @@ class Scheduler:
                 if not rows:
                     decoder = None
         except Exception as e:  # a bug in the model path: every caller in flight gets it (a 500)
+            log.exception("the decode loop failed; its %d running and %d waiting requests get the error",
+                          len(rows), len(self._pending))
             for row in rows:
                 row.events.put_nowait(e)
             while self._pending:
                 self._pending.popleft().events.put_nowait(e)
-            raise
         finally:
             self._worker = None
