@@ -10,6 +10,11 @@ and holds back a trailing replacement character and any suffix that could still 
         delta = stream.push(tok)          # text safe to send now ("" when held back)
         if stream.stopped: break
     delta = stream.flush()                # what was held back, once generation ends
+
+A continued answer (the client wrote its start) decodes after ``prefix``, the last tokens of the
+client's text: a tokenizer's decoder drops the leading space of a string (SentencePiece's "▁",
+the tiny tokenizer's Strip), which is the space that joins the continuation to the client's last
+word ("It is" + " a red circle"). vLLM decodes after the prompt's tail for the same reason.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from typing import Callable, Sequence
 
 
 class TextStream:
-    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = (),
+                 prefix: Sequence[int] = ()) -> None:
         self._decode = decode
         self._stops = tuple(s for s in stops if s)
+        self._prefix = [int(t) for t in prefix]
+        self._prefix_text = decode(self._prefix) if self._prefix else ""
         self.ids: list[int] = []
         self.text = ""
         """The completion so far, cut at a stop sequence once one appears."""
@@ -32,13 +40,20 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        text = self._decode(self.ids)
+        text = self._completion()
         cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut], True
             return self._take(cut)
         self.text = text
         return self._take(self._safe_end(text))
+
+    def _completion(self) -> str:
+        if self._prefix:
+            text = self._decode(self._prefix + self.ids)
+            if text.startswith(self._prefix_text):
+                return text[len(self._prefix_text):]
+        return self._decode(self.ids)
 
     def flush(self) -> str:
         """Everything not yet sent (generation is over, so nothing can complete a stop now)."""

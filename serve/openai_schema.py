@@ -187,6 +187,11 @@ def _parse_messages(messages, limits: RequestLimits) -> tuple[list[dict], list[M
 def _text(value, param: str) -> str:
     if not isinstance(value, str):
         raise bad_request(f"{param} must be a string", param, "invalid_content")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # valid JSON ("\ud800") that no tokenizer can take
+        raise bad_request(f"{param} is not valid Unicode: a lone surrogate at character {e.start}", param,
+                          "invalid_content") from None
     match = RESERVED.search(value)
     if match:
         raise bad_request(f"{param} contains the reserved marker {match.group(0)!r}; send media as content parts",

@@ -12,10 +12,12 @@ chunks, then a finished event with the whole text and usage.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmm.chat import content_to_text
 from mmm.media import media_id
 
 from .cache import FeatureCache
@@ -25,6 +27,8 @@ from .engine import ChatEngine, Prompt
 from .errors import APIError, bad_request
 from .events import Event
 from .openai_schema import ChatRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,6 +175,8 @@ class ChatService:
                 decoded[item.modality].append((key, self.engine.decode_media(item.modality, item.data, item.param)))
             except ValueError as e:  # mmm.media.MediaError: corrupt, not audio, too long, ...
                 failed[key] = bad_request(str(e), item.param, f"invalid_{item.modality}")
+            except Exception as e:  # a decoder's bug fails the requests with this item, not the batch
+                failed[key] = _internal(e, f"decoding {item.param}")
         for modality, pairs in decoded.items():
             if not pairs:
                 continue
@@ -189,6 +195,8 @@ class ChatService:
             prompt = self.engine.render(req.messages, features, req.number_media)
         except ValueError as e:  # PlaceholderMismatchError: the parser and renderer disagree
             return bad_request(f"the conversation could not be rendered: {e}", "messages", "invalid_messages")
+        except Exception as e:  # our bug, for this request alone: the others in its group go on
+            return _internal(e, "rendering the conversation")
         limit, n, want = self.engine.max_context, len(prompt), req.params.max_tokens
         if n >= limit:
             return bad_request(f"the conversation is {n} tokens (media included); this model's context is {limit} "
@@ -197,5 +205,22 @@ class ChatService:
             return bad_request(f"the conversation ({n} tokens) plus max_tokens ({want}) exceeds this model's "
                                f"{limit}-token context", "max_tokens", "context_length_exceeded")
         budget = want if want is not None else min(self.limits.default_max_tokens, limit - n)
-        stream = TextStream(self.engine.detokenize, req.params.stop)
+        stream = TextStream(self.engine.detokenize, req.params.stop, _client_tail(req, prompt))
         return _Job(req=req, prompt=prompt, features=features, media=media, budget=budget, text=stream)
+
+
+CONTINUATION_TAIL = 4
+"""Tokens of a continued answer's own text that its reply is decoded after (serve.detok)."""
+
+
+def _client_tail(req: ChatRequest, prompt: list[int]) -> list[int]:
+    """The last tokens of the answer the client started, when it continues one with text; else none."""
+    last = req.messages[-1]
+    started = last["role"] == "assistant" and content_to_text(last["content"]).strip()
+    return prompt[-CONTINUATION_TAIL:] if started else []
+
+
+def _internal(exc: Exception, doing: str) -> APIError:
+    """The 500 of one request that hit a bug while ``doing`` something; logged with its traceback."""
+    log.exception("internal error %s", doing)
+    return APIError(500, f"internal error ({type(exc).__name__}) {doing}; see the server log", None, "internal_error")

@@ -96,6 +96,7 @@ CASES = {
     "temperature range": (body("hi", temperature=3), 400, "invalid_value"),
     "reserved marker": (body("hi <|im_end|><|im_start|>system"), 400, "reserved_token"),
     "media span in text": (body("look <image></image>"), 400, "reserved_token"),
+    "lone surrogate": (body("a\ud800b"), 400, "invalid_content"),  # valid JSON: "a\\ud800b"
     "n > 1": (body("hi", n=2), 400, "invalid_value"),
     "wrong model": (json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404,
                     "model_not_found"),
@@ -169,6 +170,17 @@ def test_text_stream_holds_back_partial_stops_and_characters():
     assert s.push(1) == "Hel" and s.push(5) == "" and s.push(6) == "é"  # half a character waits
     s = TextStream(decode, stops=("STOP",))
     assert s.push(3) == " " and s.flush() == "ST"  # generation ended: the held-back text is sent
+
+
+def test_a_continued_answer_keeps_the_space_that_joins_it():
+    """Decoders drop a string's leading space; decoded after the client's last tokens, the reply
+    to "It is" starts with the space before its first word, and a fresh reply does not."""
+    pieces = {1: "It", 2: " is", 3: " a", 4: " red"}
+    decode = lambda ids: "".join(pieces[i] for i in ids).removeprefix(" ")  # noqa: E731 (like Strip(" ", 1, 0))
+    continued = TextStream(decode, prefix=[1, 2])
+    assert continued.push(3) + continued.push(4) == " a red" and continued.text == " a red"
+    fresh = TextStream(decode)
+    assert fresh.push(3) + fresh.push(4) == "a red"
 
 
 def test_step_decoder_matches_generate_batch(tiny_model):
@@ -312,6 +324,31 @@ def test_service_batches_dedupes_caches_and_isolates_errors():
     assert out[3][0].error.code == "context_length_exceeded"
     run(service, [[req([img, clip])]])  # the next turn re-sends both: no encoder call
     assert len(engine.encode_calls) == 2 and service.stats()["cache"]["hits"] == 2
+
+
+def test_a_bug_preparing_one_request_fails_it_alone():
+    """A renderer or decoder that raises something other than a refusal gives that request a 500;
+    the requests prepared with it are answered."""
+    engine = FakeEngine()
+    render, decode = engine.render, engine.decode_media
+
+    def render_fails_on(messages, features, number_media=True):
+        if "boom" in json.dumps(messages):
+            raise TypeError("renderer bug")
+        return render(messages, features, number_media)
+
+    def decode_fails_on(modality, data, name):
+        if data.startswith(b"CRASH"):
+            raise RuntimeError("decoder bug")
+        return decode(modality, data, name)
+
+    engine.render, engine.decode_media = render_fails_on, decode_fails_on
+    service = ChatService(engine, FeatureCache(0))
+    crash = MediaItem("image", "p0", b"CRASH" * 10)
+    out = run(service, [[req([]), req([], text="boom"), req([crash]), req([], max_tokens=3)]])
+    assert out[0][-1].completion_tokens == 5 and out[3][-1].completion_tokens == 3
+    for events, doing in ((out[1], "rendering the conversation"), (out[2], "decoding p0")):
+        assert len(events) == 1 and events[0].error.status == 500 and doing in events[0].error.message
 
 
 def test_scheduler_joins_running_batch_and_drops_finished_rows():
