@@ -59,9 +59,16 @@ def content_to_text(content) -> str:
 
 
 def _join_parts(parts) -> str:
+    """Parts as one string. A text part ends its line before the next part unless it ends in
+    whitespace: "What colour is it?" then an image is a question above its image, as the string
+    "What colour is it?\n<image></image>" writes it, while "Image 1: " then an image (a client
+    numbering its own media) runs on into its span. Two text parts are two lines, as vLLM joins
+    them."""
     pieces = []
     for i, part in enumerate(parts):
         kind = part.get("type")
+        if pieces and pieces[-1][-1:] not in ("", "\n", " ", "\t") and not _SPAN.fullmatch(pieces[-1]):
+            pieces.append("\n")
         if kind == "text":
             pieces.append(part["text"])
         elif kind in _TAGS:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import image, three_turn_conversation, tone
-from mmm.chat import IGNORE_INDEX, PlaceholderMismatchError, render
+from mmm.chat import IGNORE_INDEX, PlaceholderMismatchError, content_to_text, render
 from mmm.schema import AUDIO, IMAGE
 
 
@@ -79,6 +79,22 @@ def test_every_media_span_ends_its_line_whoever_wrote_the_message(tiny_model):
 
     assert ids(bare) == ids(written) == ids(own_breaks) == ids(unbroken)
     assert ids(f"<image></image>\n\n<audio></audio>\n{question}") != ids(written)  # other text stays as written
+
+
+def test_a_text_part_ends_its_line_unless_it_runs_on(tiny_model):
+    """A question sent above its media (OpenAI's own examples put the text part first) renders as
+    the string the training data writes for that order; a label part ending in a space ("Image 1: ",
+    a client numbering its own media) runs on into its span; two text parts are two lines."""
+    question = "What colour are the shapes in the image?"
+
+    text = content_to_text
+    assert text([{"type": "text", "text": question}, {"type": "image"}]) == f"{question}\n<image></image>\n"
+    assert text([{"type": "text", "text": "Image 1: "}, {"type": "image"}, {"type": "text", "text": "Red?"}]) == (
+        "Image 1: <image></image>\nRed?")
+    assert text([{"type": "text", "text": "Describe it."}, {"type": "text", "text": "One word."}]) == (
+        "Describe it.\nOne word.")
+    ids = lambda content: render(tiny_model.tokenizer, [{"role": "user", "content": content}], [16], True).input_ids  # noqa: E731
+    assert ids([{"type": "text", "text": question}, {"type": "image"}]) == ids(f"{question}\n<image></image>")
 
 
 def test_embed_raises_on_feature_count_mismatch(tiny_model):
