@@ -48,6 +48,9 @@ class Decoder(Protocol):
 class ChatEngine(Protocol):
     model_id: str
     max_context: int
+    max_text_bytes: int
+    """A conversation whose text (UTF-8) is longer cannot fit the context, whatever its media:
+    refused before it is tokenized, which costs about a second a megabyte."""
 
     def encoder_name(self, modality: str) -> str: ...
 
@@ -83,6 +86,10 @@ class MMMEngine:
         if positions is not None and self.max_context > positions:
             raise ValueError(f"llm.max_context is {self.max_context} tokens but the language model has only {positions} "
                              f"positions; set llm.max_context <= {positions} to serve this model")
+        # No token covers more text than the longest in the vocabulary (in UTF-8 bytes; SentencePiece's
+        # "▁" and byte tokens like "<0x0A>" count more bytes than they stand for, so this only errs long).
+        longest = max(len(token.encode()) for token in model.tokenizer.get_vocab())
+        self.max_text_bytes = self.max_context * longest
         self.limits = MediaLimits(max_audio_seconds=model.config.audio.max_seconds)
         self._encoders = {"image": model.vision.name, "audio": model.audio.name}
 

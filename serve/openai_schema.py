@@ -13,11 +13,12 @@ cache miss), and fails there with a 400 just the same.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 
-from mmm.media import AUDIO_FORMATS, sniff_modality
+from mmm.media import AUDIO_FORMATS, media_id, sniff_modality
 
 from .config import RequestLimits
 from .errors import APIError, bad_request
@@ -41,6 +42,11 @@ class MediaItem:
     data: bytes = b""
     url: str | None = None
     """A remote image URL still to fetch (the ingress fills ``data`` and clears it)."""
+
+    @functools.cached_property
+    def id(self) -> str:
+        """Content hash of ``data`` (the feature cache's key), computed once where it is first needed."""
+        return media_id(self.data)
 
 
 @dataclass

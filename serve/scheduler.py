@@ -94,7 +94,12 @@ class Scheduler:
 
     async def _join(self, decoder, rows: list[_Row], waiting: list[_Waiting]):
         """Prepare and prefill the requests; their first events; the batch with their rows."""
-        prepared = await self._call("prepare", self.service.prepare, [w.request for w in waiting])
+        requests = [w.request for w in waiting]
+        # Media to decode and encode take a thread whatever the last prepare took: a 10-minute clip
+        # after cached photos must not hold the loop (arrivals, cancellations, streamed events).
+        encodes = self.service.needs_encoding(requests)
+        prepared = await self._call("encode" if encodes else "prepare", self.service.prepare, requests,
+                                    may_inline=not encodes)
         new_rows = []
         for w, job in zip(waiting, prepared):
             event = self.service.first_event(job)
@@ -113,10 +118,11 @@ class Scheduler:
         await self._call("merge", decoder.merge, fresh)
         return decoder, rows + new_rows
 
-    async def _call(self, kind: str, fn, *args):
-        """``fn(*args)``: on the loop when the last call of this kind was short, else in a thread.
-        The call's own time decides, not the thread's hand-off and the wait for the loop to resume:
-        those would keep a short call in a thread for good once one run of it was slow."""
+    async def _call(self, kind: str, fn, *args, may_inline: bool = True):
+        """``fn(*args)``: on the loop when it may run there and the last call of this kind was short,
+        else in a thread. The call's own time decides, not the thread's hand-off and the wait for
+        the loop to resume: those would keep a short call in a thread for good once one run of it
+        was slow."""
 
         def timed():
             t0 = time.perf_counter()
@@ -124,7 +130,7 @@ class Scheduler:
             self._took[kind] = time.perf_counter() - t0
             return out
 
-        if self._took.get(kind, float("inf")) < INLINE_S:
+        if may_inline and self._took.get(kind, float("inf")) < INLINE_S:
             return timed()
         return await asyncio.to_thread(timed)
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmm.chat import content_to_text
-from mmm.media import media_id
 
 from .cache import FeatureCache
 from .config import RequestLimits
@@ -130,6 +129,14 @@ class ChatService:
         return Event.finished(job.text.text, delta if job.req.stream else "", job.finish_reason, len(job.prompt),
                               job.tokens)
 
+    def _text_too_long(self, req: ChatRequest) -> APIError | None:
+        size = sum(len(content_to_text(m["content"]).encode()) for m in req.messages)
+        limit = self.engine.max_text_bytes
+        if size <= limit:
+            return None
+        return bad_request(f"the conversation's text is {size} bytes; no text over {limit} bytes fits this model's "
+                           f"{self.engine.max_context}-token context", "messages", "context_length_exceeded")
+
     @staticmethod
     def decoder_input(job: _Job) -> Prompt:
         """Prompt ids, image and audio features, and media hashes of one request."""
@@ -147,8 +154,15 @@ class ChatService:
         self._stats.prepare_s += time.perf_counter() - t0
         return out
 
+    def needs_encoding(self, requests: list[ChatRequest]) -> bool:
+        """Whether preparing ``requests`` decodes and encodes media (some are not in the feature cache)."""
+        return any(self._key(m) not in self.cache for r in requests for m in r.media)
+
+    def _key(self, item) -> tuple[str, str]:
+        return item.id, self.engine.encoder_name(item.modality)
+
     def _prepare(self, requests: list[ChatRequest]) -> list[_Job | APIError]:
-        keys = [[(media_id(m.data), self.engine.encoder_name(m.modality)) for m in r.media] for r in requests]
+        keys = [[self._key(m) for m in r.media] for r in requests]
         found, failed = self._features(requests, keys)
         out: list[_Job | APIError] = []
         for req, req_keys in zip(requests, keys):
@@ -191,6 +205,9 @@ class ChatService:
         return found, failed
 
     def _job(self, req: ChatRequest, features: list, media: list[str]) -> _Job | APIError:
+        too_long = self._text_too_long(req)
+        if too_long:
+            return too_long
         try:
             prompt = self.engine.render(req.messages, features, req.number_media)
         except ValueError as e:  # PlaceholderMismatchError: the parser and renderer disagree

@@ -230,7 +230,7 @@ def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model):
 class FakeEngine:
     """Characters are tokens; an item's features have one row per 10 bytes; counts encoder calls."""
 
-    model_id, max_context = "fake", 200
+    model_id, max_context, max_text_bytes = "fake", 200, 1000
 
     def __init__(self):
         self.encode_calls: list[tuple[str, int]] = []
@@ -324,6 +324,15 @@ def test_service_batches_dedupes_caches_and_isolates_errors():
     assert out[3][0].error.code == "context_length_exceeded"
     run(service, [[req([img, clip])]])  # the next turn re-sends both: no encoder call
     assert len(engine.encode_calls) == 2 and service.stats()["cache"]["hits"] == 2
+
+
+def test_text_that_cannot_fit_is_refused_before_it_is_tokenized():
+    engine, rendered = FakeEngine(), []
+    render = engine.render
+    engine.render = lambda *a: rendered.append(a) or render(*a)
+    out = run(ChatService(engine, FeatureCache(0)), [[req([], text="x" * 2000), req([], text="x" * 100)]])
+    assert out[0][0].error.code == "context_length_exceeded" and "1000 bytes" in out[0][0].error.message
+    assert out[1][-1].completion_tokens == 5 and len(rendered) == 1  # only the one that can fit
 
 
 def test_a_bug_preparing_one_request_fails_it_alone():
@@ -492,6 +501,26 @@ def test_short_calls_run_on_the_loop_and_long_ones_in_threads():
         later = threads[1:]  # the first step has no duration to go by: a thread
         assert threads[0] != loop_thread
         assert all((t == loop_thread) == on_loop for t in later), (step_s, threads)
+
+
+def test_media_to_encode_are_prepared_in_a_thread_after_short_prepares():
+    """Text-only prepares run on the loop once one was short; a request whose media the feature
+    cache lacks is prepared in a worker thread all the same, and its twin (now cached) on the loop."""
+    engine = FakeEngine()
+    threads = []
+    encode = engine.encode
+    engine.encode = lambda modality, items: threads.append(threading.get_ident()) or encode(modality, items)
+    service = ChatService(engine, FeatureCache(1 << 20))
+    prepare = service.prepare
+    service.prepare = lambda requests: threads.append(threading.get_ident()) or prepare(requests)
+    clip = MediaItem("audio", "p0", b"A" * 300)
+    loop_thread = threading.get_ident()
+    out = run(service, [[req([])], [req([])], [req([clip])], [req([MediaItem("audio", "p0", b"A" * 300)])]],
+              delay_s=0.05)
+    assert all(o[-1].completion_tokens == 5 for o in out)
+    assert threads[1] == loop_thread  # the second text-only prepare: on the loop
+    assert threads[2] != loop_thread and threads[3] == threads[2]  # the clip's prepare and its encode
+    assert threads[4] == loop_thread and len(threads) == 5  # the cached twin: on the loop, no encode
 
 
 def test_app_builder_args_checkpoint_discovery_and_deploy_yaml(tmp_path):
