@@ -98,6 +98,8 @@ def parse_request(body: bytes, limits: RequestLimits, model_id: str) -> ChatRequ
     options = obj.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise bad_request("stream_options may only hold include_usage", "stream_options")
+    if options and not stream:  # as OpenAI and vLLM refuse it
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     kwargs = obj.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict) or set(kwargs) - {"number_media"}:
         raise bad_request("chat_template_kwargs may only hold number_media (a boolean)", "chat_template_kwargs")

@@ -15,7 +15,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .config import RequestLimits
 from .errors import APIError, bad_request
@@ -122,7 +122,8 @@ def fetch_image(url: str, limits: RequestLimits, param: str, resolver=socket.get
     scheme, host, port = check_remote_url(url, limits, param)
     ip = resolve_public(host, port, param, resolver)
     parts = urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # HTTP's request line is ASCII: a path like /café.png is sent percent-encoded, as browsers do
+    path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="/?&=%:@!$'()*+,;~")
     conn_cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
     conn = conn_cls(host, ip, port=port, timeout=limits.remote_timeout_s)
     try:

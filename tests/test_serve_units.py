@@ -98,6 +98,7 @@ CASES = {
     "media span in text": (body("look <image></image>"), 400, "reserved_token"),
     "lone surrogate": (body("a\ud800b"), 400, "invalid_content"),  # valid JSON: "a\\ud800b"
     "n > 1": (body("hi", n=2), 400, "invalid_value"),
+    "stream_options without stream": (body("hi", stream_options={"include_usage": True}), 400, "invalid_value"),
     "wrong model": (json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404,
                     "model_not_found"),
     "assistant media": (json.dumps({"model": "mmm", "messages": [{"role": "assistant", "content": [img_part()]},
@@ -181,6 +182,29 @@ def test_a_continued_answer_keeps_the_space_that_joins_it():
     assert continued.push(3) + continued.push(4) == " a red" and continued.text == " a red"
     fresh = TextStream(decode)
     assert fresh.push(3) + fresh.push(4) == "a red"
+
+
+def test_sse_sends_usage_null_until_the_last_chunk_and_says_why_a_stream_broke():
+    from serve.events import Event
+    from serve.responses import sse
+
+    async def events(fail: bool):
+        yield Event.chunk("blue")
+        if fail:
+            raise RuntimeError("a bug")
+        yield Event.finished("blue", "", "stop", 7, 1)
+
+    async def lines(fail, include_usage):
+        return [line async for line in sse(events(fail), "mmm", include_usage)]
+
+    sent = asyncio.run(lines(False, True))
+    assert sent[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in sent[:-1]]
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}
+    assert all("usage" not in json.loads(line[6:]) for line in asyncio.run(lines(False, False))[:-1])
+    broken = asyncio.run(lines(True, False))
+    assert json.loads(broken[-2][6:])["error"]["code"] == "internal_error" and broken[-1] == "data: [DONE]\n\n"
 
 
 def test_step_decoder_matches_generate_batch(tiny_model):
@@ -574,7 +598,7 @@ def test_fetch_connects_to_the_checked_address(monkeypatch):
                 self.end_headers()
                 return
             assert self.headers["Host"].startswith("images.example.com")
-            body = png if self.path == "/a.png" else b"x" * 5000
+            body = png if self.path in ("/a.png", "/caf%C3%A9.png") else b"x" * 5000
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -592,6 +616,7 @@ def test_fetch_connects_to_the_checked_address(monkeypatch):
         limits = RequestLimits(allow_remote=True, remote_hosts=("images.example.com",), max_remote_bytes=4000)
         url = f"http://images.example.com:{port}"
         assert fetch_image(f"{url}/a.png", limits, "p", resolver) == png
+        assert fetch_image(f"{url}/café.png", limits, "p", resolver) == png  # sent percent-encoded
         with pytest.raises(APIError) as e:
             fetch_image(f"{url}/big", limits, "p", resolver)
         assert e.value.status == 413
