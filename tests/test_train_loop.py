@@ -209,6 +209,29 @@ def test_config_layers_and_clear_errors(tmp_path):
             load_config("pretrain", None, bad)
 
 
+def test_str_fields_keep_the_text_typed_where_yaml_reads_a_date_bool_or_octal(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: no\n  s3_endpoint: 0123\n")
+    cfg = load_config("pretrain", str(path))
+    assert (cfg.run.name, cfg.run.s3_endpoint) == ("no", "0123")  # not False and 83
+    cfg = load_config("pretrain", str(path), ["run.name=2024-12-07", "run.s3_endpoint=null", "deepspeed.bf16=true"])
+    assert (cfg.run.name, cfg.run.s3_endpoint, cfg.deepspeed.bf16) == ("2024-12-07", None, True)  # bf16: str | bool
+
+
+def test_every_config_problem_is_one_usage_line_naming_it(tmp_path, capsys):
+    from jobs import pretrain, synthesize
+
+    (tmp_path / "bad.yaml").write_text("run:\n  name: [a\n")
+    for job, bad_key in [(pretrain, "train.lrr"), (synthesize, "dialogues.nope")]:
+        for argv, named in [([f"{bad_key}=1"], bad_key), (["seed=abc" if job is synthesize else "train.seed=abc"], "seed"),
+                            (["--config", str(tmp_path / "none.yaml")], "none.yaml: No such file"),
+                            (["--config", str(tmp_path / "bad.yaml")], "bad.yaml: invalid YAML: line 3")]:
+            with pytest.raises(SystemExit) as e:
+                job.main(argv)
+            error = capsys.readouterr().err.strip().splitlines()[-1]
+            assert e.value.code == 2 and "error: " in error and named in error, (job.__name__, argv, error)
+
+
 def test_deepspeed_config_is_derived_from_the_typed_config(monkeypatch):
     from mmm import precision
 

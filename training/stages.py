@@ -102,11 +102,16 @@ def job_config(stage: str, data: str, config_path: str | None, overrides: list[s
 
 
 def parse_args(stage: str, argv: list[str] | None, doc: str) -> tuple[TrainConfig, bool, InitCheckpoint | None]:
+    """The command line as a typed config; a config problem (a bad key or value, a missing or invalid
+    ``--config`` file, a ``model.init`` that is no checkpoint) exits 2 with one usage line naming it."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="outputs/data", help="data root written by jobs/synthesize.py + jobs/features.py")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    cfg, init = job_config(stage, args.data, args.config, [*args.overrides, *args.extra])
+    try:
+        cfg, init = job_config(stage, args.data, args.config, [*args.overrides, *args.extra])
+    except (ValueError, TypeError, FileNotFoundError) as e:  # FileNotFoundError: a model.init that is no checkpoint
+        parser.error(str(e))
     return cfg, args.resume, init
 
 
