@@ -147,6 +147,16 @@ def test_dialogues_cover_five_kinds_two_languages_and_eval_media_never_in_train(
     assert any("image 2" in m["content"] or "gambar 2" in m["content"] for r in rows for m in r["messages"][2:])
 
 
+def test_some_questions_stand_above_their_media(root):
+    """Clients send both orders, so the training data has both: most turns that show media put
+    the question below them, some above (``dialogues.question_first_rate``)."""
+    showing = [m["content"] for r in _dialogues(root) for m in r["messages"]
+               if m["role"] == "user" and "></" in m["content"]]
+    above = [c for c in showing if not c.startswith("<")]
+    assert 0.1 < len(above) / len(showing) < 0.4, (len(above), len(showing))
+    assert all(c.endswith("\n") and "?\n<" in c for c in above)
+
+
 def test_eval_ood_twins_ask_the_same_about_the_same_facts_drawn_otherwise(root):
     rows = {r["dialogue_id"]: r for r in _dialogues(root)}
     manifest = {r["media_id"]: r for r in pq.read_table(root / "manifest.parquet").to_pylist()}
@@ -201,7 +211,8 @@ def _as_client_sends(text: str) -> list[dict]:
 
     parts, at = [], 0
     for span in re.finditer(r"<(image|audio)></\1>\n?", text):
-        parts += [{"type": "text", "text": text[at:span.start()]}] if span.start() > at else []
+        question = text[at:span.start()].rstrip("\n")  # a question above its media, as a client types it
+        parts += [{"type": "text", "text": question}] if question else []
         parts.append({"type": span.group(1)})
         at = span.end()
     return parts + ([{"type": "text", "text": text[at:]}] if at < len(text) else [])
