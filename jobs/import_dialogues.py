@@ -9,11 +9,16 @@ Formats: ``llava`` (JSON array or JSONL; ``image`` / ``audio`` paths and ``<imag
 placeholders), ``sharegpt`` (``conversations`` or ``messages``; ``images`` / ``audios``),
 ``openai`` (``messages`` with ``image_url`` / ``input_audio`` / path parts) and ``mmm`` (the
 project's own ``messages`` with empty spans + ``media`` paths); see pipelines/imports/formats.py.
-Media paths resolve against ``media_root`` (local or s3://; default the source's folder); every
-item is read, hashed (sha256 = media_id) and fully decoded, as ingest does. A bad record (not
-JSON, unknown role, empty turn, broken turn order, placeholder count != media count, a missing
-or corrupt file) goes to ``<out>/import_errors/NAME.parquet`` with its reason; the others to
-``<out>/dialogues/part-import-NAME.parquet``. A rerun replaces its own files. Then:
+Media paths resolve against ``media_root`` (local or s3://; default the source's folder; local
+paths may use ``~`` and ``file://``); every item is read, hashed (sha256 = media_id) and fully
+decoded, as ingest does. A bad record (not JSON, a field of the wrong type, unknown role, empty
+turn, broken turn order, placeholder count != media count, a ``lang`` or ``split`` outside
+mmm.schema's LANGS / SPLITS, a missing or corrupt file) goes to
+``<out>/import_errors/NAME.parquet`` with its reason; the others to
+``<out>/dialogues/part-import-NAME.parquet``. NAME is the source's file name without its last
+extension (or ``name=``); a rerun of the same source replaces its own files and manifest entries,
+and a different source whose NAME is taken stops with an error. The manifest lists absolute local
+paths (or s3:// uris), so the next command works from any folder:
 
     python jobs/features.py source=<out>/import_manifest.parquet out=<out>
     python jobs/finetune.py --data <out> model.init=<a stage-1 checkpoint>

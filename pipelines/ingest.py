@@ -2,10 +2,11 @@
 
 Sources (:func:`read_source`):
 
-- a manifest, ``*.parquet`` or ``*.jsonl``: a ``uri`` column plus optional ``caption``,
-  ``transcript``, ``lang`` and ``modality``; a uri may appear once per language (bilingual
-  captions); relative uris are resolved against the manifest's folder, so a synthesized root
-  can be copied anywhere, local or S3;
+- a manifest, ``*.parquet``, ``*.jsonl`` or ``*.json`` (JSON Lines or a JSON array of objects):
+  a ``uri`` column plus optional ``caption``, ``transcript``, ``lang`` and ``modality``; a uri may
+  appear once per language (bilingual captions); relative uris are resolved against the
+  manifest's folder, so a synthesized root can be copied anywhere, local or S3; ``~`` and
+  ``file://`` uris are local paths;
 - anything else is a folder or prefix: every visible file under it, with no text.
 
 Stages (Ray Data, one class each): :class:`ReadBytes` (uri -> bytes, ``media_id`` = sha256) and
@@ -17,7 +18,11 @@ and (after :mod:`pipelines.features`) the features.
 
 from __future__ import annotations
 
+import codecs
+import json
+import os
 import posixpath
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +67,7 @@ def read_source(source: str, storage: StorageConfig) -> pa.Table:
     if path.endswith((".parquet", ".jsonl", ".json")):
         table = _read_manifest(fs, path)
         base = uri_of(fs, posixpath.dirname(path), source)
-        uris = [u if is_remote(u) or u.startswith("/") else join(base, u) for u in table["uri"].to_pylist()]
+        uris = [_resolve(u, base) for u in table["uri"].to_pylist()]
         table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
     else:
         if not fs.isdir(path):
@@ -76,18 +81,42 @@ def read_source(source: str, storage: StorageConfig) -> pa.Table:
     )
 
 
+def _resolve(uri: str, base: str) -> str:
+    """A manifest's uri: remote uris and absolute paths as they are, ``~`` and ``file://`` as local
+    paths, anything else relative to the manifest's folder ``base``."""
+    if is_remote(uri):
+        return uri
+    path = os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri)
+    return path if path.startswith("/") else join(base, path)
+
+
 def _read_manifest(fs, path: str) -> pa.Table:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         table = pq.read_table(path, filesystem=fs)
     else:
-        from pyarrow import json as pajson
-
         with fs.open(path, "rb") as f:
-            table = pajson.read_json(f)
+            table = _json_manifest(f.read(), path)
     require(table, ("uri",), f"manifest {path}")
     return table
+
+
+def _json_manifest(data: bytes, path: str) -> pa.Table:
+    """A JSON array of objects (what ``json.dump(rows)`` writes) or JSON Lines, one object a line."""
+    from pyarrow import json as pajson
+
+    expected = "a JSON array of objects or JSON Lines (one object a line), UTF-8"
+    body = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        if not re.match(rb"\s*\[", body):
+            return pajson.read_json(pa.BufferReader(body))
+        rows = json.loads(body)
+        if not all(isinstance(r, dict) for r in rows):
+            raise ValueError("an item of the array is not an object")
+        return pa.Table.from_pylist(rows)
+    except (ValueError, pa.ArrowException) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"manifest {path} is not {expected}: {e}") from None
 
 
 def unique_uris(source: pa.Table) -> pa.Table:

@@ -1,6 +1,9 @@
 """Dialogue import (jobs/import_dialogues.py): LLaVA JSON array, LLaVA JSONL with audio, ShareGPT,
 OpenAI messages and the project's own format, each with bad rows; a rerun is idempotent; then the
-usual features job and a few steps of jobs/finetune.py on the imported dialogues.
+usual features job and a few steps of jobs/finetune.py on the imported dialogues. Then the edges:
+relative, ``~`` and ``file://`` paths; names that differ after a dot or collide; a rerun with a
+corrected media root; records of the wrong shape or type; BOM, U+2028 and non-UTF-8 sources; a JSON
+array manifest.
 
 Cost: five imports (two small actor pools each), one features run, 3 stage-2 steps. Measured only
 on a 2-core machine under load 25-33 from other jobs (Ray workers at nice 15): 18 min; a quiet
@@ -26,6 +29,9 @@ sys.path.insert(0, str(REPO))
 from jobs import features as features_job  # noqa: E402
 from jobs import finetune as finetune_job  # noqa: E402
 from jobs import import_dialogues as import_job  # noqa: E402
+from pipelines.imports.run import resolve  # noqa: E402
+from pipelines.ingest import read_source  # noqa: E402
+from pipelines.storage import StorageConfig  # noqa: E402
 from pipelines.synth.media import make_item  # noqa: E402
 
 QUIET = ["ray.progress=false"]
@@ -167,3 +173,138 @@ def test_features_then_finetune_on_the_imported_dialogues(imported, tmp_path, ti
                                 "data.shuffle_buffer=8", "run.progress=false", "run.max_failures=0"])
     assert (tmp_path / "stage2" / "final" / "mmm.json").exists()
     assert result["stage"] == "finetune" and result["steps"] == 3 and result["loss"] > 0
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def relative(ray_local, files, tmp_path_factory) -> dict:
+    """The README's workflow run from a working folder: relative source and out, media under ``~``
+    (media_root=~/pics) or named by a file:// uri; two sources whose names differ only after a dot."""
+    top = tmp_path_factory.mktemp("relative")
+    home, work = top / "home", top / "work"
+    (home / "pics").mkdir(parents=True)
+    for i in range(2):
+        (home / "pics" / f"img{i}.png").write_bytes((files / "media" / f"img{i}.png").read_bytes())
+    _jsonl(work / "data" / "shard.part1.json", [{"id": "a", "image": "img0.png", "conversations": _conv("<image>\nColour?", "red")}])
+    png = base64.b64encode((files / "media" / "img3.png").read_bytes()).decode()
+    parts = [{"type": "image_url", "image_url": {"url": "img1.png"}},
+             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}, {"type": "text", "text": "Same?"}]
+    _jsonl(work / "data" / "shard.part2.json", [{"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "no"}]}])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("HOME", str(home))
+        runs = [import_job.main(["source=data/shard.part1.json", "format=llava", "media_root=~/pics", "out=out", *QUIET]),
+                import_job.main(["source=data/shard.part2.json", "format=openai", f"media_root=file://{home}/pics", "out=out", *QUIET])]
+    return {"home": home, "work": work, "out": work / "out", "runs": runs}
+
+
+def _manifest_uris(out: Path) -> list[str]:
+    """The uris as jobs/features.py resolves them (relative ones against the manifest's folder)."""
+    return read_source(str(out / "import_manifest.parquet"), StorageConfig())["uri"].to_pylist()
+
+
+def test_relative_paths_home_and_file_uris_give_a_manifest_features_can_read(relative):
+    home, out = relative["home"], relative["out"]
+    assert [r["dialogues"] for r in relative["runs"]] == [1, 1], relative["runs"]
+    uris = _manifest_uris(out)
+    inline = [u for u in uris if "/media/imported/" in u]
+    assert sorted(set(uris) - set(inline)) == [str(home / "pics" / "img0.png"), str(home / "pics" / "img1.png")]
+    assert len(inline) == 1 and inline[0].startswith(str(out) + "/")
+    assert all(Path(u).is_file() for u in uris)
+
+
+def test_sources_whose_names_differ_after_a_dot_keep_their_own_outputs(relative, tmp_path):
+    out = relative["out"]
+    assert sorted(p.name for p in (out / "dialogues").iterdir() if p.suffix == ".parquet") == [
+        "part-import-shard.part1.parquet", "part-import-shard.part2.parquet"]
+    ids = sorted(d["dialogue_id"] for d in pq.read_table(out / "dialogues").to_pylist())
+    assert ids == ["shard.part1-a", "shard.part2-0000001"]
+    same_name = _jsonl(tmp_path / "shard.part1.json", [{"conversations": _conv("Hello", "Hi")}])
+    with pytest.raises(ValueError, match="already holds the import 'shard.part1'.*name="):
+        import_job.main([f"source={same_name}", "format=llava", f"out={out}", *QUIET])
+
+
+def test_a_rerun_replaces_its_own_manifest_entries_and_no_others(relative):
+    home, work, out = relative["home"], relative["work"], relative["out"]
+    (home / "moved").mkdir()
+    (home / "moved" / "img0.png").write_bytes((home / "pics" / "img0.png").read_bytes())
+    import_job.main([f"source={work / 'data' / 'shard.part1.json'}", "format=llava", f"media_root={home / 'moved'}",
+                     f"out={out}", *QUIET])
+    rows = pq.read_table(out / "import_manifest.parquet").to_pylist()
+    assert sorted(r["uri"] for r in rows if "/media/imported/" not in r["uri"]) == [
+        str(home / "moved" / "img0.png"), str(home / "pics" / "img1.png")]
+    assert {r["uri"]: r["imports"] for r in rows if "/media/imported/" not in r["uri"]} == {
+        str(home / "moved" / "img0.png"): ["shard.part1"], str(home / "pics" / "img1.png"): ["shard.part2"]}
+    assert len(rows) == 3 and _manifest_uris(out) == [r["uri"] for r in rows]
+
+
+def test_a_media_path_under_home_is_local(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve("~/a.png", "s3://bucket/media") == str(tmp_path / "a.png")
+    assert resolve("file:///data/../a.png", "/root") == "/a.png"
+
+
+_ASK = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+MALFORMED_MMM = [  # row -> (record, what its reason must say); row 1 is good and holds JSON's own line separators
+    ({"id": "sep", "messages": [{"role": "user", "content": "one\u2028two\x85three"}, {"role": "assistant", "content": "ok"}]}, None),
+    ({"messages": ["hello", "hi"]}, "turn 0 is not an object"),
+    ({"messages": [{"role": ["user"], "content": "q"}, _ASK[1]]}, "unknown role ['user']"),
+    ({"messages": [{"from": {"who": "me"}, "content": "q"}, _ASK[1]]}, "unknown role {'who': 'me'}"),
+    ({"messages": _ASK, "lang": 5}, "unknown lang 5"),
+    ({"messages": _ASK, "lang": "fr"}, "unknown lang 'fr'"),
+    ({"messages": _ASK, "split": "dev"}, "unknown split 'dev'"),
+    ({"messages": _ASK, "kind": 5}, "kind 5 is not a string"),
+    ({"messages": [{"role": "user", "content": "q\ud800"}, _ASK[1]]}, "turn 0: text is not valid Unicode"),
+]
+MALFORMED_OPENAI = [
+    ({"messages": _ASK}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "UklGRg=="}]}, _ASK[1]]},
+     "input_audio is not an object"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": 7}}]},
+                   _ASK[1]]}, "input_audio format 7 is not a file extension"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": {"t": 1}}]}, _ASK[1]]}, "text is not a string"),
+]
+
+
+def test_malformed_records_each_get_a_reason_and_the_good_rows_are_written(ray_local, tmp_path, capsys):
+    out = tmp_path / "out"
+    own = tmp_path / "own.jsonl"  # with a byte-order mark; U+2028 and U+0085 written as they are, the lone surrogate escaped
+    lines = [json.dumps(r, ensure_ascii=reason is not None and "Unicode" in reason) for r, reason in MALFORMED_MMM]
+    own.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    array = tmp_path / "chat.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([r for r, _ in MALFORMED_OPENAI]).encode())
+    for source, fmt, cases in ((own, "mmm", MALFORMED_MMM), (array, "openai", MALFORMED_OPENAI)):
+        summary = import_job.main([f"source={source}", f"format={fmt}", f"out={out}", *QUIET])
+        assert summary["dialogues"] == 1 and summary["errors"] == len(cases) - 1, summary
+        errors = {r["uri"]: r["reason"] for r in pq.read_table(out / "import_errors" / f"{source.stem}.parquet").to_pylist()}
+        for row, (_, reason) in enumerate(cases, start=1):
+            if reason is not None:
+                assert reason in errors[f"{source.name}#row {row}"], (row, errors)
+    by_id = {d["dialogue_id"]: d for d in pq.read_table(out / "dialogues").to_pylist()}
+    assert by_id["own-sep"]["messages"][0]["content"] == "one\u2028two\x85three"
+    assert set(by_id) == {"own-sep", "chat-0000001"}
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"messages": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.jsonl is not UTF-8"):
+        import_job.main([f"source={latin}", "format=mmm", f"out={out}", *QUIET])
+    with pytest.raises(SystemExit):
+        import_job.main([f"source={own}", "format=mmm", "lang=fr", f"out={out}", *QUIET])
+    assert "lang must be one of ['en', 'ms']" in capsys.readouterr().err
+
+
+def test_a_json_array_manifest_reads_like_json_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    rows = [{"uri": "a.png", "caption": "red"}, {"uri": "~/b.wav", "transcript": "hi"}]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    table = read_source(str(tmp_path / "m.json"), StorageConfig())
+    assert table["uri"].to_pylist() == [str(tmp_path / "a.png"), str(tmp_path / "home" / "b.wav")]
+    assert table["caption"].to_pylist() == ["red", None]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"bad\.json is not a JSON array of objects or JSON Lines"):
+        read_source(str(tmp_path / "bad.json"), StorageConfig())

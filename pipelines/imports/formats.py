@@ -17,8 +17,10 @@ Formats (one record each; a file is a JSON array or JSONL):
 - ``mmm``: the project's own: ``{"messages": [{"role", "content"}], "media": [paths]}`` with empty
   spans already in the text; ``kind``, ``lang`` and ``split`` are kept when present.
 
-A record may carry ``lang`` (en | ms) and ``split``; otherwise the job's defaults apply. Every
-problem is a :class:`RecordError` with a reason that names it; the job writes it to the errors table.
+A record may carry ``lang`` (one of ``mmm.schema.LANGS``), ``split`` (one of ``mmm.schema.SPLITS``,
+the splits the training and evaluation jobs read) and ``kind`` (a string); otherwise the job's
+defaults apply. Every field is type-checked where it is read, so every problem, a wrong type
+included, is a :class:`RecordError` with a reason that names it; the job writes it to the errors table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 
-from mmm.schema import AUDIO, IMAGE
+from mmm.schema import AUDIO, IMAGE, LANGS, SPLITS
 
 FORMATS = ("llava", "sharegpt", "openai", "mmm")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -35,6 +37,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 _PLACEHOLDER = re.compile(r"<(image|audio)>(?!</\1>)")
 _SPAN = re.compile(r"<(image|audio)></\1>")
 _DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
+_EXTENSION = re.compile(r"[A-Za-z0-9-]{1,16}")
+"""An inline item's format becomes its file's extension under <out>/media/: no dots or slashes."""
 
 
 class RecordError(ValueError):
@@ -67,18 +71,21 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _turns(rec: dict, keys: tuple[str, ...]) -> list:
+def _turns(rec: dict, keys: tuple[str, ...]) -> list[dict]:
     for k in keys:
         if k in rec:
             if not isinstance(rec[k], list) or not rec[k]:
                 raise RecordError(f"{k!r} is empty or not a list")
+            for i, turn in enumerate(rec[k]):
+                if not isinstance(turn, dict):
+                    raise RecordError(f"turn {i} is not an object (got {type(turn).__name__})")
             return rec[k]
     raise RecordError(f"no turns: expected one of {list(keys)}")
 
 
 def _role(turn: dict, i: int) -> str:
     raw = turn.get("from", turn.get("role"))
-    if raw not in ROLES:
+    if not isinstance(raw, str) or raw not in ROLES:  # a list or object is no role (and unhashable)
         raise RecordError(f"turn {i}: unknown role {raw!r} (expected one of {sorted(ROLES)})")
     return ROLES[raw]
 
@@ -88,6 +95,7 @@ def check_turns(messages: list[dict]) -> None:
     at least one assistant answer (the only tokens training learns from)."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for i, m in enumerate(messages):
+        _check_unicode(m["content"], f"turn {i}")
         text = _SPAN.sub("", m["content"]).strip()
         if not text and not _SPAN.search(m["content"]):
             raise RecordError(f"turn {i} ({m['role']}) is empty")
@@ -103,17 +111,26 @@ def check_turns(messages: list[dict]) -> None:
         raise RecordError("a system turn after the first")
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """Arrow stores UTF-8: a lone surrogate (``"\\ud800"`` is valid JSON) would fail the whole write."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(f"{what}: text is not valid Unicode ({e.reason} at character {e.start})") from None
+
+
 def _placeholders(rec: dict, turns_keys, media_keys: dict) -> Record:
     messages = []
     for i, turn in enumerate(_turns(rec, turns_keys)):
-        if not isinstance(turn, dict):
-            raise RecordError(f"turn {i} is not an object")
         content = turn.get("value", turn.get("content"))
         if not isinstance(content, str):
             raise RecordError(f"turn {i}: content is not a string")
         messages.append({"role": _role(turn, i), "content": _PLACEHOLDER.sub(lambda m: f"<{m.group(1)}></{m.group(1)}>", content)})
-    if isinstance(rec.get("system"), str) and rec["system"].strip():
-        messages.insert(0, {"role": "system", "content": rec["system"]})
+    system = rec.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RecordError(f"system is not a string (got {type(system).__name__})")
+    if system and system.strip():
+        messages.insert(0, {"role": "system", "content": system})
     paths = {m: [p for k in keys for p in _as_list(rec.get(k))] for m, keys in media_keys.items()}
     return _ordered(messages, paths, rec)
 
@@ -132,15 +149,41 @@ def _ordered(messages: list[dict], paths: dict[str, list], rec: dict) -> Record:
         taken[modality] += 1
         if not isinstance(path, str) or not path:
             raise RecordError(f"{modality} path {path!r} is not a string")
+        _check_unicode(path, f"{modality} path")
         media.append(MediaRef(modality, path=path))
     return _record(messages, media, rec)
 
 
 def _record(messages: list[dict], media: list[MediaRef], rec: dict) -> Record:
     check_turns(messages)
-    rid = rec.get("id")
-    return Record(messages, media, id=None if rid is None else str(rid), lang=rec.get("lang"), split=rec.get("split"),
-                  kind=rec.get("kind"))
+    return Record(messages, media, id=_id(rec.get("id")), lang=_one_of("lang", rec.get("lang"), LANGS),
+                  split=_one_of("split", rec.get("split"), SPLITS), kind=_kind(rec.get("kind")))
+
+
+def _id(value) -> str | None:
+    """A string or an integer (LLaVA's ids are either); it becomes part of the dialogue id."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordError(f"id {value!r} is not a string or integer")
+    _check_unicode(str(value), "id")
+    return str(value)
+
+
+def _one_of(name: str, value, allowed: tuple[str, ...]) -> str | None:
+    """lang and split select rows in the training and evaluation jobs: another value is a row they never read."""
+    if value is not None and value not in allowed:
+        raise RecordError(f"unknown {name} {value!r} (expected one of {list(allowed)})")
+    return value
+
+
+def _kind(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"kind {value!r} is not a string")
+    _check_unicode(value, "kind")
+    return value
 
 
 def llava(rec: dict) -> Record:
@@ -165,23 +208,39 @@ def mmm(rec: dict) -> Record:
 
 
 def _openai_part(part, i: int, j: int) -> tuple[str, MediaRef | None]:
-    kind = part.get("type") if isinstance(part, dict) else None
+    if not isinstance(part, dict):
+        raise RecordError(f"turn {i} part {j} is not an object (got {type(part).__name__})")
+    kind = part.get("type")
     if kind == "text":
-        return str(part.get("text", "")), None
+        text = part.get("text", "")
+        if not isinstance(text, str):
+            raise RecordError(f"turn {i} part {j}: text is not a string (got {type(text).__name__})")
+        return text, None
     if kind == "image_url":
-        url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+        url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
         return "<image></image>", _from_url(IMAGE, url, i, j)
     if kind == "input_audio":
-        spec = part.get("input_audio") or {}
-        if spec.get("data"):
-            try:
-                return "<audio></audio>", MediaRef(AUDIO, data=base64.b64decode(spec["data"], validate=True), ext=spec.get("format", "wav"))
-            except ValueError:
-                raise RecordError(f"turn {i} part {j}: input_audio data is not base64") from None
-        return "<audio></audio>", _from_url(AUDIO, spec.get("path") or spec.get("url"), i, j)
+        return "<audio></audio>", _input_audio(part.get("input_audio"), i, j)
     if kind in (IMAGE, AUDIO):
         return f"<{kind}></{kind}>", _from_url(kind, part.get(kind) or part.get("path") or part.get("url"), i, j)
     raise RecordError(f"turn {i} part {j}: unknown part type {kind!r}")
+
+
+def _input_audio(spec, i: int, j: int) -> MediaRef:
+    """``{"data": base64, "format": "wav"}`` (OpenAI's form) or ``{"path" | "url": ...}``."""
+    if not isinstance(spec, dict):
+        raise RecordError(f"turn {i} part {j}: input_audio is not an object (got {type(spec).__name__})")
+    data, fmt = spec.get("data"), spec.get("format", "wav")
+    if not data:
+        return _from_url(AUDIO, spec.get("path") or spec.get("url"), i, j)
+    if not isinstance(data, str):
+        raise RecordError(f"turn {i} part {j}: input_audio data is not a string (got {type(data).__name__})")
+    if not isinstance(fmt, str) or not _EXTENSION.fullmatch(fmt):
+        raise RecordError(f"turn {i} part {j}: input_audio format {fmt!r} is not a file extension such as 'wav'")
+    try:
+        return MediaRef(AUDIO, data=base64.b64decode(data, validate=True), ext=fmt)
+    except ValueError:
+        raise RecordError(f"turn {i} part {j}: input_audio data is not base64") from None
 
 
 def _from_url(modality: str, url, i: int, j: int) -> MediaRef:
@@ -195,14 +254,13 @@ def _from_url(modality: str, url, i: int, j: int) -> MediaRef:
             raise RecordError(f"turn {i} part {j}: data URL is not base64") from None
     if url.startswith(("http://", "https://")):
         raise RecordError(f"turn {i} part {j}: remote URL {url!r} (download it and give a path or data: URL)")
+    _check_unicode(url, f"turn {i} part {j}: {modality} path")
     return MediaRef(modality, path=url[len("file://") :] if url.startswith("file://") else url)
 
 
 def openai(rec: dict) -> Record:
     messages, media = [], []
     for i, turn in enumerate(_turns(rec, ("messages",))):
-        if not isinstance(turn, dict):
-            raise RecordError(f"turn {i} is not an object")
         role, content = _role(turn, i), turn.get("content")
         if isinstance(content, list):
             pieces = [_openai_part(p, i, j) for j, p in enumerate(content)]

@@ -6,30 +6,39 @@ One pass, Ray Data stages as classes::
                <out>/media/imported/) -> unique media uris -> [ReadBytes -> Decode] (ingest's own
                stages: read, sha256, full decode = the validation) -> driver: join -> write
 
-Under ``out`` (local or s3://) it writes, for a source file NAME:
+Under ``out`` (local or s3://) it writes, for an import NAME (the source file's name without its
+last extension, or ``name=``):
 
     dialogues/part-import-NAME.parquet   DIALOGUES rows (media_ids = sha256 of the bytes)
     import_errors/NAME.parquet           ERRORS rows: uri = "FILE#row N", stage (parse | read |
-                                         decode), reason
+                                         decode), reason; its metadata names the source
     import_manifest.parquet              uri + modality of every imported item (the union over
-                                         imports): the input of ``jobs/features.py``
+                                         imports) + the imports that use it: the input of
+                                         ``jobs/features.py``
 
-File names depend only on the source, so a rerun replaces its own outputs: idempotent.
+File names depend only on the source, so a rerun replaces its own outputs, and its own manifest
+entries, and nothing else: idempotent. A second source whose name is taken stops with an error
+(``name=`` picks another) rather than overwrite the first. Local paths (``source``, ``out``,
+``media_root``, media paths; ``~`` and ``file://`` allowed) are made absolute before anything
+runs, so the manifest's uris hold wherever ``jobs/features.py`` runs from and wherever the media
+are, whatever the folder the import ran in.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmm.config import preset
 from mmm.media import MediaLimits, media_id
-from mmm.schema import AUDIO, DIALOGUES, ERRORS, IMAGE
+from mmm.schema import AUDIO, DIALOGUES, ERRORS, IMAGE, LANGS, SPLITS
 
 from ..ingest import Decode, ReadBytes
 from ..runtime import Chain, PoolConfig, RayConfig, require
@@ -37,6 +46,9 @@ from ..storage import StorageConfig, is_remote, join, read_parquet, write_parque
 from .formats import FORMATS, RecordError, parse_record
 
 MANIFEST = "import_manifest.parquet"
+MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("modality", pa.string()), ("imports", pa.list_(pa.string()))])
+SOURCE_KEY = b"mmm.import.source"
+"""Metadata key of import_errors/NAME.parquet: the source that NAME was imported from."""
 PARSED = pa.schema([("row", pa.int64()), ("record", pa.string()), ("error", pa.string())])
 
 
@@ -47,15 +59,16 @@ class ImportConfig:
     format: str = "llava"
     """llava | sharegpt | openai | mmm (see pipelines/imports/formats.py)."""
     media_root: str = ""
-    """Folder or s3:// prefix relative media paths resolve against; default: the source's folder."""
+    """Folder or s3:// prefix relative media paths resolve against; default: the source's folder.
+    Local paths may use ``~`` and ``file://``."""
     out: str = "outputs/imported"
     """Data root for dialogues/, import_errors/, import_manifest.parquet (then features/ via jobs/features.py)."""
     name: str = ""
-    """Name of this import's output files; default: the source file's stem."""
+    """Name of this import's output files; default: the source file's name without its last extension."""
     lang: str = "en"
-    """Language of records that do not say (``lang`` field)."""
+    """Language of records that do not say (``lang`` field); one of mmm.schema.LANGS."""
     split: str = "train"
-    """Split of records that do not say (``split`` field)."""
+    """Split of records that do not say (``split`` field); one of mmm.schema.SPLITS."""
     preset: str = "tiny"
     """Preset whose image processor Decode uses (the validation resizes as the features job will)."""
     parse: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=256, num_cpus=0.25))
@@ -71,16 +84,47 @@ class ImportConfig:
             raise ValueError("import needs source=FILE (a JSON array or JSONL of dialogue records)")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.lang not in LANGS:
+            raise ValueError(f"lang must be one of {list(LANGS)}, got {self.lang!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        self.source, self.out = absolute(self.source), absolute(self.out)
+        self.media_root = absolute(self.media_root) if self.media_root else ""
 
 
-def read_records(cfg: ImportConfig) -> tuple[list[tuple[int, str]], list[dict]]:
-    """(row, record JSON) pairs and the rows that are not JSON. A file starting with ``[`` is a
-    JSON array, anything else JSONL (blank lines skipped); rows count from 1."""
+def absolute(uri: str) -> str:
+    """A local path (``~`` and ``file://`` allowed) as an absolute path; s3:// uris stay as they are.
+
+    The manifest's uris are absolute because they point wherever the media are (a media root
+    far from ``out``, or ``out/media/imported``): features.py reads them from any folder, and a
+    path relative to the folder the import ran in would mean nothing there."""
+    if is_remote(uri):
+        return uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def read_text(cfg: ImportConfig) -> str:
+    """The source as text: UTF-8, a byte-order mark (as some editors write) dropped."""
     fs, path = cfg.storage.filesystem(cfg.source)
     if not fs.exists(path):
         raise FileNotFoundError(f"source {cfg.source} does not exist")
     with fs.open(path, "rb") as f:
-        text = f.read().decode("utf-8")
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"source {cfg.source} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "JSON and JSONL files are UTF-8, so convert it first") from None
+
+
+def read_records(cfg: ImportConfig) -> tuple[list[tuple[int, str]], list[dict]]:
+    """(row, record JSON) pairs and the rows that are not JSON. A file starting with ``[`` is a
+    JSON array, anything else JSONL (blank lines skipped); rows count from 1.
+
+    JSONL lines end at "\\n" only: str.splitlines() would also split at U+2028, U+0085 and other
+    separators that JSON strings may hold unescaped."""
+    text = read_text(cfg)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -88,7 +132,7 @@ def read_records(cfg: ImportConfig) -> tuple[list[tuple[int, str]], list[dict]]:
             raise ValueError(f"{cfg.source} starts with '[' but is not a valid JSON array: {e}") from None
         return [(i, json.dumps(r)) for i, r in enumerate(items, start=1)], []
     good, bad = [], []
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -114,13 +158,18 @@ class ParseRecords:
         require(batch, self.NEEDS, type(self).__name__)
         rows, records, errors = batch["row"].to_pylist(), [], []
         for text in batch["text"].to_pylist():
-            try:
-                records.append(json.dumps(self._parse(json.loads(text))))
-                errors.append(None)
-            except RecordError as e:
-                records.append(None)
-                errors.append(str(e))
+            record, error = self._parse_or_reason(text)
+            records.append(record)
+            errors.append(error)
         return pa.table({"row": rows, "record": records, "error": errors}, schema=PARSED)
+
+    def _parse_or_reason(self, text: str) -> tuple[str | None, str | None]:
+        try:
+            return json.dumps(self._parse(json.loads(text))), None
+        except RecordError as e:
+            return None, str(e)
+        except Exception as e:  # a shape formats.py does not check for: this record fails, not the import
+            return None, f"unexpected record shape: {type(e).__name__}: {e}"
 
     def _parse(self, raw) -> dict:
         rec = parse_record(self.fmt, raw)
@@ -140,10 +189,13 @@ class ParseRecords:
 
 
 def resolve(path: str, root: str) -> str:
-    """A media path against the media root: absolute paths and uris stay as they are."""
-    if is_remote(path) or path.startswith("/"):
+    """A media path against the (absolute) media root: uris and absolute paths stay as they are,
+    ``~`` and ``file://`` paths become absolute local paths."""
+    if is_remote(path):
         return path
-    return join(root, path) if is_remote(root) else posixpath.normpath(join(root, path))
+    if path.startswith(("/", "~", "file://")):
+        return absolute(path)
+    return join(root, path) if is_remote(root) else absolute(join(root, path))
 
 
 def kind_of(modalities: list[str]) -> str:
@@ -159,8 +211,26 @@ def kind_of(modalities: list[str]) -> str:
 
 
 def import_name(cfg: ImportConfig) -> str:
-    stem = cfg.name or posixpath.basename(cfg.source.rstrip("/")).split(".")[0] or "import"
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
+    """``name=``, else the source's file name without its last extension only: ``shard.part1.json``
+    and ``shard.part2.json`` are two imports, ``llava_v1.5_mix665k.json`` stays itself. A leading
+    ``.`` or ``_`` goes: readers skip such files as hidden."""
+    stem = cfg.name or posixpath.splitext(posixpath.basename(cfg.source.rstrip("/")))[0]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).lstrip("._")
+    return safe or "import"
+
+
+def check_name_is_ours(cfg: ImportConfig, name: str) -> None:
+    """Two sources with one name (``a/train.json`` and ``b/train.json``) would overwrite each
+    other's dialogues: stop unless NAME's outputs came from this very source (a rerun)."""
+    fs, root = cfg.storage.filesystem(cfg.out)
+    path = join(root, "import_errors", f"{name}.parquet")
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        owner = (pq.read_schema(f).metadata or {}).get(SOURCE_KEY, b"").decode()
+    if owner and owner != cfg.source:
+        raise ValueError(f"{cfg.out} already holds the import {name!r}, from {owner}; give {cfg.source} another "
+                         f"name=, or delete {name}'s files under dialogues/ and import_errors/ to replace it")
 
 
 def parse_all(cfg: ImportConfig, records: list[tuple[int, str]]) -> list[dict]:
@@ -197,7 +267,7 @@ def check_media(cfg: ImportConfig, refs: dict[str, str]) -> dict[str, dict]:
 
 
 def media_root(cfg: ImportConfig) -> str:
-    return cfg.media_root or posixpath.dirname(cfg.source) or "."
+    return cfg.media_root or posixpath.dirname(cfg.source)
 
 
 def assemble(cfg: ImportConfig, name: str, parsed: list[dict], media: dict[str, dict]) -> tuple[list[dict], list[dict]]:
@@ -240,15 +310,28 @@ def write_outputs(cfg: ImportConfig, name: str, dialogues: list[dict], errors: l
     write_parquet_atomic(fs, pa.Table.from_pylist(dialogues, schema=DIALOGUES), join(root, "dialogues", f"part-import-{name}.parquet"))
     base = posixpath.basename(cfg.source)
     rows = [{"uri": f"{base}#row {e['row']}", "stage": e["stage"], "reason": e["reason"], "media_id": None} for e in errors]
-    write_parquet_atomic(fs, pa.Table.from_pylist(rows, schema=ERRORS), join(root, "import_errors", f"{name}.parquet"))
+    table = pa.Table.from_pylist(rows, schema=ERRORS).replace_schema_metadata({SOURCE_KEY: cfg.source.encode()})
+    write_parquet_atomic(fs, table, join(root, "import_errors", f"{name}.parquet"))
     used = {m for d in dialogues for m in d["media_ids"]}
     items = {r["uri"]: r["modality"] for r in media.values() if r["media_id"] in used}
-    old = read_parquet(fs, join(root, MANIFEST))
+    write_parquet_atomic(fs, merged_manifest(read_parquet(fs, join(root, MANIFEST)), name, items), join(root, MANIFEST))
+
+
+def merged_manifest(old: pa.Table | None, name: str, items: dict[str, str]) -> pa.Table:
+    """The manifest with import ``name``'s entries replaced by ``items`` (uri -> modality): a uri
+    stays while some import still uses it; a row naming no import is kept, as nothing says whose it is."""
+    modality: dict[str, str] = {}
+    owners: dict[str, set[str]] = {}
     for r in old.to_pylist() if old is not None else []:
-        items.setdefault(r["uri"], r["modality"])
-    table = pa.table({"uri": sorted(items), "modality": [items[u] for u in sorted(items)]},
-                     schema=pa.schema([("uri", pa.string()), ("modality", pa.string())]))
-    write_parquet_atomic(fs, table, join(root, MANIFEST))
+        others = set(r.get("imports") or []) - {name}
+        if others or not r.get("imports"):
+            modality[r["uri"]], owners[r["uri"]] = r["modality"], others
+    for uri, kind in items.items():
+        modality[uri] = kind
+        owners.setdefault(uri, set()).add(name)
+    uris = sorted(modality)
+    return pa.table({"uri": uris, "modality": [modality[u] for u in uris], "imports": [sorted(owners[u]) for u in uris]},
+                    schema=MANIFEST_SCHEMA)
 
 
 def reason_class(reason: str) -> str:
@@ -257,7 +340,9 @@ def reason_class(reason: str) -> str:
                        ("placeholder_count", "placeholders but"), ("span_count", "spans"),
                        ("unknown_role", "unknown role"), ("empty_turn", "is empty"), ("turn_order", "turn order"),
                        ("no_answer", "no assistant turn"), ("not_json", "not JSON"), ("remote_url", "remote URL"),
-                       ("duplicate_id", "duplicate id"), ("modality", ", used as ")):
+                       ("duplicate_id", "duplicate id"), ("modality", ", used as "), ("unknown_lang", "unknown lang"),
+                       ("unknown_split", "unknown split"), ("not_unicode", "not valid Unicode"),
+                       ("unexpected_shape", "unexpected record shape"), ("wrong_type", " is not a")):
         if words in reason:
             return key
     return "other"
@@ -266,6 +351,7 @@ def reason_class(reason: str) -> str:
 def run_import(cfg: ImportConfig) -> dict:
     start = time.time()
     name = import_name(cfg)
+    check_name_is_ours(cfg, name)
     records, unreadable = read_records(cfg)
     parsed = parse_all(cfg, records) + [{"row": e["row"], "record": None, "error": e["reason"]} for e in unreadable]
     parsed.sort(key=lambda p: p["row"])
