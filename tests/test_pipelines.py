@@ -260,7 +260,8 @@ def test_recall_drills_ask_about_an_earlier_item_in_train_only():
         drills += 1
         modality = IMAGE if d["kind"] == "multi_image" else AUDIO
         shown = sum(m["content"].count(f"<{modality}>") for m in d["messages"])
-        question = d["messages"][-2]["content"].split("\n")[-1].lower()
+        # the question's line: above or below the spans of the media its turn shows
+        question = next(line for line in d["messages"][-2]["content"].split("\n") if line and "></" not in line).lower()
         asked = [k for k in range(1, shown + 1) if re.search(rf"\b{label(modality, k, d['lang'])}\b", question)]
         assert asked and max(asked) < shown, (question, shown)
     assert 60 <= drills <= 120  # about half of 180 train dialogues
