@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import RequestLimits, ServeArgs
 from .engine import resolve_checkpoint
-from .errors import APIError, unavailable
+from .errors import APIError, internal_error, unavailable
 from .events import Event
 from .openai_schema import ChatRequest, parse_request
 from .responses import completion, sse
@@ -50,8 +50,7 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 @api.exception_handler(Exception)
 async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
     # Only our own bugs get here (bad input is always an APIError): a 500 in the same shape.
-    err = APIError(500, f"internal error ({type(exc).__name__}); see the server log", None, "internal_error")
-    return JSONResponse(err.body(), status_code=500)
+    return JSONResponse(internal_error(exc).body(), status_code=500)
 
 
 # No access log here: each call is one the ingress already logs as an HTTP line, and the replica's

@@ -52,3 +52,10 @@ def unavailable(exc: BaseException) -> APIError | None:
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def internal_error(exc: BaseException, doing: str = "") -> APIError:
+    """The 500 for our own bug ``exc`` (hit while ``doing`` something, when given): its type, and
+    where to read the rest."""
+    where = f" {doing}" if doing else ""
+    return APIError(500, f"internal error ({type(exc).__name__}){where}; see the server log", None, "internal_error")

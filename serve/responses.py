@@ -51,7 +51,7 @@ def _chunk(cid: str, created: int, model: str, delta: dict | None, finish: str |
 async def _guard(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """The events, ending with an error event if the stream breaks: a 503 when the model replica
     went away, else a 500 (our bug, logged here), so the client reads why instead of a cut stream."""
-    from .errors import APIError, unavailable
+    from .errors import internal_error, unavailable
 
     try:
         async for event in events:
@@ -60,8 +60,7 @@ async def _guard(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         err = unavailable(e)
         if err is None:
             log.exception("a streamed request failed")
-            err = APIError(500, f"internal error ({type(e).__name__}) mid-answer; see the server log", None,
-                           "internal_error")
+            err = internal_error(e, "mid-answer")
         yield Event.failed(err)
 
 

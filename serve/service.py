@@ -23,7 +23,7 @@ from .cache import FeatureCache
 from .config import RequestLimits
 from .detok import TextStream
 from .engine import ChatEngine, Prompt
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, internal_error
 from .events import Event
 from .openai_schema import ChatRequest
 
@@ -240,4 +240,4 @@ def _client_tail(req: ChatRequest, prompt: list[int]) -> list[int]:
 def _internal(exc: Exception, doing: str) -> APIError:
     """The 500 of one request that hit a bug while ``doing`` something; logged with its traceback."""
     log.exception("internal error %s", doing)
-    return APIError(500, f"internal error ({type(exc).__name__}) {doing}; see the server log", None, "internal_error")
+    return internal_error(exc, doing)
