@@ -64,14 +64,16 @@ def _join_parts(parts) -> str:
     "What colour is it?\n<image></image>" writes it, while "Image 1: " then an image (a client
     numbering its own media) runs on into its span. Two text parts are two lines, as vLLM joins
     them."""
-    pieces = []
+    pieces, text_before = [], ""
     for i, part in enumerate(parts):
         kind = part.get("type")
-        if pieces and pieces[-1][-1:] not in ("", "\n", " ", "\t") and not _SPAN.fullmatch(pieces[-1]):
+        if text_before[-1:] not in ("", "\n", " ", "\t"):
             pieces.append("\n")
         if kind == "text":
-            pieces.append(part["text"])
+            text_before = part["text"]
+            pieces.append(text_before)
         elif kind in _TAGS:
+            text_before = ""
             pieces.append(f"<{kind}></{kind}>")
         else:
             raise ValueError(f"content part {i} has unknown type {kind!r}; expected text, image or audio")
