@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import posixpath
 import re
 
@@ -34,7 +33,7 @@ from mmm.media import MediaError, MediaLimits, decode_audio, decode_image, media
 from mmm.schema import AUDIO, ERRORS, IMAGE, MEDIA
 
 from .runtime import require
-from .storage import StorageConfig, is_remote, join, list_files, uri_of
+from .storage import StorageConfig, is_remote, join, list_files, local_path, uri_of
 
 TEXT_COLUMNS = ("caption", "transcript", "lang")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
@@ -84,10 +83,8 @@ def read_source(source: str, storage: StorageConfig) -> pa.Table:
 def _resolve(uri: str, base: str) -> str:
     """A manifest's uri: remote uris and absolute paths as they are, ``~`` and ``file://`` as local
     paths, anything else relative to the manifest's folder ``base``."""
-    if is_remote(uri):
-        return uri
-    path = os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri)
-    return path if path.startswith("/") else join(base, path)
+    path = local_path(uri)
+    return path if is_remote(path) or path.startswith("/") else join(base, path)
 
 
 def _read_manifest(fs, path: str) -> pa.Table:

@@ -9,6 +9,7 @@ Readers skip names starting with ``_`` or ``.``, which is pyarrow's default for 
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ def join(root: str, *parts: str) -> str:
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """A local uri as the OS reads it (``file://`` dropped, ``~`` expanded); remote uris as they are."""
+    return uri if is_remote(uri) else os.path.expanduser(uri.removeprefix("file://"))
 
 
 def write_parquet_atomic(fs, table: pa.Table, path: str) -> None:

@@ -42,7 +42,7 @@ from mmm.schema import AUDIO, DIALOGUES, ERRORS, IMAGE, LANGS, SPLITS
 
 from ..ingest import Decode, ReadBytes
 from ..runtime import Chain, PoolConfig, RayConfig, require
-from ..storage import StorageConfig, is_remote, join, read_parquet, write_parquet_atomic
+from ..storage import StorageConfig, is_remote, join, local_path, read_parquet, write_parquet_atomic
 from .formats import FORMATS, RecordError, parse_record
 
 MANIFEST = "import_manifest.parquet"
@@ -98,10 +98,7 @@ def absolute(uri: str) -> str:
     The manifest's uris are absolute because they point wherever the media are (a media root
     far from ``out``, or ``out/media/imported``): features.py reads them from any folder, and a
     path relative to the folder the import ran in would mean nothing there."""
-    if is_remote(uri):
-        return uri
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return os.path.abspath(os.path.expanduser(path))
+    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
 
 
 def read_text(cfg: ImportConfig) -> str:
