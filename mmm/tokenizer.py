@@ -71,10 +71,12 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
     # the model learns to say and the same word in a question ("Are the shapes blue?") would be
     # unrelated tokens, and every yes/no or "which image" question would have to learn the pair
     # from scratch (they sit near chance while "what colour" is 100%: docs/LEARNING.md#tokenizer).
-    # So a line that starts with a word gets a space; decoding strips the one before the text.
+    # So a line that starts with a word gets a space; decoding takes it away again, after each line
+    # break and before the text. A line the writer did start with a space loses that one space: the
+    # two encode alike, and lines that start with a word are the ones that occur.
     tok.normalizer = normalizers.Replace(Regex(r"\n(?=\S)"), "\n ")
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("\n ", "\n"), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[PAD, BOS, TURN_START, TURN_END],

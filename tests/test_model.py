@@ -64,6 +64,13 @@ def test_render_counts_labels_and_mismatch(tiny_model):
         render(tok, msgs, counts[:4])
 
 
+def test_tiny_tokenizer_decodes_line_starts_as_written(tiny_model):
+    """The space the normalizer puts before a line's first word (mmm/tokenizer.py) is not decoded."""
+    tok = tiny_model.tokenizer
+    for text in ("red", "Image 1:\nred and blue", "a\n\nb", "tiga\nbiru"):
+        assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
 def test_every_media_span_ends_its_line_whoever_wrote_the_message(tiny_model):
     """An API client's bare parts, parts with the client's own line breaks, and text written with
     or without breaks after its spans all give the ids of the text the training data writes."""
