@@ -5,9 +5,11 @@ as a one-turn dialogue rendered exactly as training renders them, and so are rea
 recordings when the machine has them (alsa-utils' eight, whose file name is the transcript).
 Per language it reports:
 
-    exact                  share of clips transcribed exactly (after normalisation)
-    word_accuracy          1 - WER over the ``seen`` phrases: training words, held-out phrases
-    unseen_word_accuracy   1 - WER over phrases holding a word no training clip says
+    exact                  share of the ``seen`` phrases (training words, held-out phrases)
+                           transcribed exactly, after normalisation
+    word_accuracy          1 - WER over the ``seen`` phrases
+    unseen_exact           share of the phrases holding a word no training clip says transcribed exactly
+    unseen_word_accuracy   1 - WER over those phrases
     no_speech              share of clips without speech answered as such
 
 ``speech.real`` holds the same for the real recordings, with the answers themselves.
@@ -16,12 +18,12 @@ Per language it reports:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from mmm.schema import AUDIO
+from pipelines.storage import StorageConfig
 from pipelines.synth.speech import NO_SPEECH
 from pipelines.synth.words import SINGLE_REF, SPEECH, template
 
@@ -72,9 +74,11 @@ def score(items: list[dict], answers: list[str]) -> dict:
     out = {}
     for lang in sorted({it["lang"] for it in items}):
         rows = [(it, a) for it, a in zip(items, answers) if it["lang"] == lang]
-        out[lang] = {"clips": len(rows), "exact": _share(rows, lambda it, a: normalize(a) == normalize(it["phrase"]))}
-        for group, key in (("seen", "word_accuracy"), ("unseen", "unseen_word_accuracy")):
-            out[lang][key] = _accuracy([(it["phrase"], a) for it, a in rows if it["group"] == group])
+        out[lang] = {"clips": len(rows)}
+        for group, prefix in (("seen", ""), ("unseen", "unseen_")):
+            said = [(it, a) for it, a in rows if it["group"] == group]
+            out[lang][f"{prefix}exact"] = _share(said, lambda it, a: normalize(a) == normalize(it["phrase"]))
+            out[lang][f"{prefix}word_accuracy"] = _accuracy([(it["phrase"], a) for it, a in said])
         out[lang]["no_speech"] = _share([r for r in rows if r[0]["group"] == "none"],
                                         lambda it, a: normalize(a) == normalize(NO_SPEECH[lang]))
     return out
@@ -90,19 +94,20 @@ def _accuracy(pairs: list[tuple[str, str]]) -> float | None:
     return round(max(0.0, 1 - sum(e for e, _ in errors) / words), 4) if words else None
 
 
-def held_out_items(manifest_path: str) -> list[dict]:
-    """The eval split's speech clips of a synthesized data root: their facts plus ``media_id``."""
-    import pyarrow.parquet as pq
+def held_out_items(manifest_uri: str, storage: StorageConfig | None = None) -> list[dict]:
+    """The eval split's speech clips of a synthesized data root (local or ``s3://``): their facts
+    plus ``media_id``."""
+    from pipelines.storage import read_parquet
 
-    if not os.path.exists(manifest_path):
+    table = read_parquet(*(storage or StorageConfig()).filesystem(manifest_uri))
+    if table is None:
         return []
-    rows = pq.read_table(manifest_path).to_pylist()
-    return [dict(json.loads(r["facts"]), media_id=r["media_id"]) for r in rows
+    return [dict(json.loads(r["facts"]), media_id=r["media_id"]) for r in table.to_pylist()
             if r.get("kind") == "speech" and r.get("split") == "eval"]
 
 
-def speech_ids(manifest_path: str) -> set[str]:
-    return {it["media_id"] for it in held_out_items(manifest_path)}
+def speech_ids(manifest_uri: str, storage: StorageConfig | None = None) -> set[str]:
+    return {it["media_id"] for it in held_out_items(manifest_uri, storage)}
 
 
 def real_recordings(folder: Path = REAL_RECORDINGS) -> list[tuple[Path, str]]:
@@ -113,9 +118,13 @@ def real_recordings(folder: Path = REAL_RECORDINGS) -> list[tuple[Path, str]]:
             for p in sorted(folder.glob("*.wav"))]
 
 
-def evaluate_speech(model, manifest_path: str, index) -> dict | None:
+def evaluate_speech(model, manifest_uri: str, index, storage: StorageConfig | None = None) -> dict | None:
     """``eval.json``'s ``speech`` entry, or None when the data has no speech clips."""
-    items = [it for it in held_out_items(manifest_path) if it["media_id"] in index.tensors]
+    held_out = held_out_items(manifest_uri, storage)
+    items = [it for it in held_out if it["media_id"] in index.tensors]
+    if len(items) < len(held_out):
+        print(f"note: {len(held_out) - len(items)} of {len(held_out)} held-out speech clips have no features "
+              "(run jobs/features.py); the speech figures leave them out")
     if not items:
         return None
     result = score(items, transcribe(model, [index[it["media_id"]] for it in items], [it["lang"] for it in items]))

@@ -11,15 +11,16 @@ the reference history before it (evaluation/exact.py). The eval media never appe
 a transcription report (evaluation/speech.py).
 
 Two splits are scored side by side: ``eval`` (held-out media drawn like the training media) and
-``eval_ood`` (the same dialogues about twin media with the same facts, rendered with parameters
+``eval_ood`` (the twins of the eval dialogues scored: the same questions about twin media with the same facts, rendered with parameters
 outside the training ranges: other canvas sizes, shades, shape sizes, beep and gap lengths,
 loudness and noise). The gap between them is how much the model learned the renderer rather than
-the facts. Data without an ``eval_ood`` split (imported or older data) is scored on ``eval`` only.
+the facts. Dialogues about spoken phrases have no twin (their held-out phrases are their test).
+Data without an ``eval_ood`` split (imported or older data) is scored on ``eval`` only.
 
 Writes under ``out``:
     eval.json      {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts", "model", "seconds",
                     "ood": {"overall", "by_kind", "by_lang", "by_kind_lang", "loss", "counts"},
-                    "speech": {"en": {"exact", "word_accuracy", "unseen_word_accuracy", ...}, "ms": ..., "real": ...}}
+                    "speech": {"en": {"exact", "word_accuracy", "unseen_exact", "unseen_word_accuracy", "no_speech"}, "ms": ..., "real": ...}}
     accuracy.png   bar chart per kind and language, with the table of figures
     loss.png       training loss curves of both stages (``metrics`` files; missing ones are skipped)
 and prints the accuracy table.
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from evaluation.exact import answer, eval_loss, normalize, score, table, turn_prompts  # noqa: F401 (normalize: API)
+from evaluation.exact import answer, answer_budget, eval_loss, normalize, score, table, turn_prompts  # noqa: F401 (normalize: API)
 from evaluation.plots import plot_accuracy, plot_losses
 from pipelines.storage import StorageConfig
 
@@ -62,8 +63,9 @@ class EvalConfig:
     languages every 10 dialogues, so any multiple of 10 keeps every kind and both languages."""
     batch_size: int = 64
     """Prompts per generate_batch call; prompts are sorted by length first, so padding stays small."""
-    max_new_tokens: int = 8
-    """Answers are one or two words; a longer output is wrong anyway."""
+    max_new_tokens: int = 0
+    """Tokens an answer may take; 0: the longest reference's tokens plus a few, since a longer
+    answer cannot match (a Malay verdict takes ~11 of SmolLM2's tokens, an English one 6)."""
     loss_context: int = 512
     """Packed row length for the eval loss."""
     threads: int = 0
@@ -74,7 +76,7 @@ class EvalConfig:
 # ---- the job -----------------------------------------------------------------------------------
 
 
-def load_split(cfg: EvalConfig, split: str | None = None, required: bool = True) -> list[dict]:
+def load_split(cfg: EvalConfig, split: str | None = None, required: bool = True, limit: bool = True) -> list[dict]:
     import pyarrow.compute as pc
 
     from mmm.schema import DIALOGUES, check_columns
@@ -89,7 +91,21 @@ def load_split(cfg: EvalConfig, split: str | None = None, required: bool = True)
     rows = table.filter(pc.equal(table["split"], split)).sort_by("dialogue_id").to_pylist()
     if not rows and required:
         raise ValueError(f"{cfg.data}/dialogues has no {split!r} rows")
-    return rows[: cfg.max_dialogues] if cfg.max_dialogues else rows
+    return rows[: cfg.max_dialogues] if cfg.max_dialogues and limit else rows
+
+
+def ood_rows(cfg: EvalConfig, rows: list[dict]) -> list[dict]:
+    """The ``ood_split`` rows to score beside ``rows``: the twins of the eval dialogues scored (the
+    offline generator names a twin ``<id>-ood``; spoken phrases have none), so both columns ask
+    about the same dialogues; a split of other dialogues is cut to ``max_dialogues`` on its own."""
+    if not cfg.ood_split:
+        return []
+    ood = load_split(cfg, cfg.ood_split, required=False, limit=False)
+    scored = {r["dialogue_id"] + "-ood" for r in rows}
+    twins = [r for r in ood if r["dialogue_id"] in scored]
+    if twins or not ood:
+        return twins
+    return ood[: cfg.max_dialogues] if cfg.max_dialogues else ood
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -104,16 +120,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = MMMModel.from_pretrained(cfg.model, expect_phase=("stage1", "stage2"),
                                      storage_options=cfg.storage.storage_options()).eval()
     rows = load_split(cfg)
-    manifest = os.path.join(cfg.data, "manifest.parquet")
-    ood = load_split(cfg, cfg.ood_split, required=False) if cfg.ood_split else []
+    manifest = join(cfg.data, "manifest.parquet")
+    ood = ood_rows(cfg, rows)
     if cfg.ood_split and not ood:
         print(f"note: {cfg.data}/dialogues has no {cfg.ood_split!r} rows; scoring {cfg.split!r} only")
     index = load_index(join(cfg.data, "features"), (model.vision.name, model.audio.name),
-                       {m for r in rows + ood for m in r["media_ids"]} | speech_ids(manifest), cfg.storage)
+                       {m for r in rows + ood for m in r["media_ids"]} | speech_ids(manifest, cfg.storage), cfg.storage)
     result = score_rows(model, rows, index, cfg)
     if ood:
         result["ood"] = score_rows(model, ood, index, cfg)
-    speech = evaluate_speech(model, manifest, index)
+    speech = evaluate_speech(model, manifest, index, cfg.storage)
     if speech is not None:
         result["speech"] = speech
     result.update(model=cfg.model, phase=model.phase, seconds=round(time.time() - start, 1))
@@ -122,7 +138,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def score_rows(model, rows: list[dict], index, cfg: EvalConfig) -> dict:
     prompts = turn_prompts(model, rows, index)
-    result = score(prompts, answer(model, prompts, cfg.batch_size, cfg.max_new_tokens))
+    budget = cfg.max_new_tokens or answer_budget(model.tokenizer, prompts)
+    result = score(prompts, answer(model, prompts, cfg.batch_size, budget))
     result["loss"] = eval_loss(model, rows, index, cfg.loss_context)
     result["counts"]["dialogues"] = len(rows)
     return result
