@@ -232,6 +232,17 @@ def test_every_config_problem_is_one_usage_line_naming_it(tmp_path, capsys):
             assert e.value.code == 2 and "error: " in error and named in error, (job.__name__, argv, error)
 
 
+def test_training_jobs_help_lists_every_field_with_the_jobs_default(capsys):
+    from jobs import finetune, pretrain
+
+    for job, output, steps in [(pretrain, "outputs/demo/stage1", 60), (finetune, "outputs/demo/stage2", 1600)]:
+        with pytest.raises(SystemExit) as e:
+            job.main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0
+        assert f'run.output_dir = "{output}"' in out and f"train.max_steps = {steps}" in out and "lora.r = 16" in out
+
+
 def test_deepspeed_config_is_derived_from_the_typed_config(monkeypatch):
     from mmm import precision
 

@@ -101,10 +101,21 @@ def job_config(stage: str, data: str, config_path: str | None, overrides: list[s
     return load_sources(stage, sources, preset, base), init
 
 
+def fields_help(stage: str) -> str:
+    """Every TrainConfig key with its default for ``stage`` (the tiny preset's, ``--data`` left as it
+    is) and its docstring."""
+    from pipelines.cli import describe
+
+    defaults = load_sources(stage, Sources.read(None, []), "tiny", job_base(stage, "outputs/data"))
+    return ("config fields (key = default with the tiny preset; other presets' training defaults are in "
+            "training/presets.py):\n" + "\n".join(describe(TrainConfig, defaults.to_dict())))
+
+
 def parse_args(stage: str, argv: list[str] | None, doc: str) -> tuple[TrainConfig, bool, InitCheckpoint | None]:
     """The command line as a typed config; a config problem (a bad key or value, a missing or invalid
     ``--config`` file, a ``model.init`` that is no checkpoint) exits 2 with one usage line naming it."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=fields_help(stage))
     parser.add_argument("--data", default="outputs/data", help="data root written by jobs/synthesize.py + jobs/features.py")
     add_config_args(parser)
     args = parser.parse_args(argv)
