@@ -13,7 +13,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo demo-real ui clean
+.PHONY: install test demo demo-real serve ui clean
 
 install: $(STAMP)
 
@@ -38,12 +38,17 @@ test: $(UI_STAMP)
 
 # One line per step; every job's full output is in outputs/demo/logs/. VERBOSE=1 prints it all.
 demo: $(STAMP)
-	$(PY) -u jobs/demo.py
+	$(PY) -u jobs/demo.py $(if $(VERBOSE),--verbose,)
 
 # The same chain on real pretrained weights (Whisper-base + SmolLM2-135M, materialised from registry
 # packages) with spoken English and Malay: needs espeak-ng and alsa-utils (apt-get install).
 demo-real: $(STAMP)
 	$(PY) -u jobs/demo.py --preset small-real $(if $(VERBOSE),--verbose,)
+
+# The OpenAI API on http://127.0.0.1:8000: the newest checkpoint under outputs/demo/, or CHECKPOINT=PATH
+# (a stage-2 export, local or s3://). Its own local Ray binds 127.0.0.1 only; Ctrl-C stops both.
+serve: $(STAMP)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/serve run serve.app:build $(if $(CHECKPOINT),checkpoint=$(CHECKPOINT),)
 
 # The web chat on http://127.0.0.1:7860 for a running `serve run serve.app:mmm`
 # (MMM_API_BASE=http://HOST:PORT/v1 and MMM_API_KEY point it elsewhere).

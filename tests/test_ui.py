@@ -118,6 +118,24 @@ def test_unsupported_file_is_a_clear_error(tmp_path):
         to_openai({"text": "hi", "files": [str(bad)]}, [])
 
 
+def test_a_failed_turn_is_not_resent_and_an_empty_message_is_refused(media, tmp_path):
+    from ui.messages import EmptyMessage
+
+    bad = tmp_path / "photo.tiff"
+    bad.write_bytes(b"II*\x00")
+    history = [{"role": "user", "content": {"path": media[0]}},
+               {"role": "user", "content": "What colour are the shapes in image 1?"},
+               {"role": "assistant", "content": "image 1 red"},
+               {"role": "user", "content": {"path": str(bad)}},  # refused: no answer follows
+               {"role": "user", "content": "And this one?"}]
+    messages = to_openai({"text": "How many shapes are in image 1?", "files": []}, history)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[2]["content"] == [{"type": "text", "text": "How many shapes are in image 1?"}]
+    for empty in ({"text": "  ", "files": []}, ""):
+        with pytest.raises(EmptyMessage):
+            to_openai(empty, history)
+
+
 def test_chat_turn_through_the_web_ui_and_a_screenshot(servers, media):
     from gradio_client import Client, handle_file
 

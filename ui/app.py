@@ -1,7 +1,7 @@
 """A web chat in front of the MMM server: drop pictures and audio clips into a conversation.
 
 Usage:
-    serve run serve.app:mmm                      # the OpenAI API on http://127.0.0.1:8000
+    make serve                                   # the OpenAI API on http://127.0.0.1:8000
     make ui                                      # this app on http://127.0.0.1:7860
     python ui/app.py --api-base http://HOST:8000/v1 --api-key KEY --port 7860
 
@@ -22,11 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ui.messages import UnsupportedFile, to_openai  # noqa: E402
+from ui.messages import EmptyMessage, UnsupportedFile, to_openai  # noqa: E402
 
 TITLE = "MMM chat"
 DESCRIPTION = ("Pictures and audio clips in any turn, questions in English or Malay. Media are numbered "
                "across the whole chat: ask about “image 2” or “audio 1”.")
+MODEL = "mmm"
+NO_ANSWER = "(no answer)"
 EXAMPLES = ["What colour are the shapes in image 1?", "How many beeps are in audio 1?",
             "Berapa banyak bentuk dalam gambar 1?"]
 
@@ -45,6 +47,8 @@ class UIConfig:
     temperature: float = 0.0
     """Greedy by default: the tiny model's answers are facts, not prose."""
     timeout_s: float = 120.0
+    max_file_size: str = "20mb"
+    """Largest upload; every turn re-sends the whole chat, and the server takes 64 MiB a request."""
 
 
 def make_reply(cfg: UIConfig):
@@ -53,27 +57,32 @@ def make_reply(cfg: UIConfig):
     import openai
 
     client = openai.OpenAI(base_url=cfg.api_base, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0)
-    model: list[str] = []  # looked up on the first message, so the page starts before the server
 
     def reply(message: dict, history: list[dict]) -> Iterator[str]:
         try:
             messages = to_openai(message, history)
-        except UnsupportedFile as e:
+        except (UnsupportedFile, EmptyMessage) as e:
             raise gr.Error(str(e)) from e
         try:
-            if not model:
-                model.append(client.models.list().data[0].id)
-            stream = client.chat.completions.create(model=model[0], messages=messages, stream=True,
+            # "mmm" names whatever checkpoint the server runs, so a restarted server is still found
+            stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True,
                                                     max_tokens=cfg.max_tokens, temperature=cfg.temperature)
             answer = ""
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     answer += chunk.choices[0].delta.content
                     yield answer
+            if not answer:
+                yield NO_ANSWER  # the turn stays in the history with its media, so their numbers hold
+        except openai.APITimeoutError as e:
+            raise gr.Error(f"the server at {cfg.api_base} did not answer within {cfg.timeout_s:.0f} s") from e
         except openai.APIConnectionError as e:
-            raise gr.Error(f"no MMM server at {cfg.api_base} ({e}); start one with `serve run serve.app:mmm`") from e
+            raise gr.Error(f"no MMM server at {cfg.api_base} ({e}); start one with `make serve`") from e
         except openai.APIStatusError as e:
-            raise gr.Error(f"the server refused the request: {e.status_code} {e.message}") from e
+            hint = "; the chat is larger than the server takes: start a new chat" if e.status_code == 413 else ""
+            raise gr.Error(f"the server refused the request: {e.status_code} {e.message}{hint}") from e
+        except openai.APIError as e:  # an error event inside the stream
+            raise gr.Error(f"the server failed while answering: {e.message}") from e
 
     return reply
 
@@ -108,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     cfg = parse(argv)
     print(f"MMM chat on http://{cfg.host}:{cfg.port} -> {cfg.api_base}", flush=True)
-    build(cfg).queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True)
+    build(cfg).queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True,
+                              max_file_size=cfg.max_file_size)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ class UnsupportedFile(ValueError):
     pass
 
 
+class EmptyMessage(ValueError):
+    pass
+
+
 def media_part(path: str) -> dict:
     """One uploaded file as an OpenAI content part (image_url or input_audio)."""
     suffix = Path(path).suffix.lower()
@@ -69,19 +73,30 @@ def to_openai(message: dict | str, history: list[dict]) -> list[dict]:
 
     Gradio keeps each uploaded file as its own history entry and may give content as a string,
     a file dict (``{"path": ...}``), a list of typed parts, or a component; consecutive entries of
-    one role are merged into one OpenAI message.
+    one role are merged into one OpenAI message. User entries that no answer follows are a turn that
+    failed (a refused file, a server that was down): Gradio keeps them in the history, but they are
+    not sent again, so one failed turn does not fail every later one. A message with neither text
+    nor files is refused: sent as is, it would ask the server to continue the last answer.
     """
+    text, uploads = (message, []) if isinstance(message, str) else (message.get("text", ""), message.get("files", []))
+    if not (text or "").strip() and not uploads:
+        raise EmptyMessage("type a question or attach a picture or an audio clip")
     messages: list[dict] = []
-    for entry in history:
+    for entry in _answered(history):
         role = entry["role"]
         texts, files = _flatten(entry["content"])
         if role == "assistant":
             _append(messages, "assistant", [{"type": "text", "text": t} for t in texts])
         elif role == "user":
             _append(messages, "user", user_content("\n".join(texts), files))
-    text, files = (message, []) if isinstance(message, str) else (message.get("text", ""), message.get("files", []))
-    _append(messages, "user", user_content(text, [_path(f) for f in files]))
+    _append(messages, "user", user_content(text, [_path(f) for f in uploads]))
     return [_collapse(m) for m in messages]
+
+
+def _answered(history: list[dict]) -> list[dict]:
+    """The history up to its last assistant entry."""
+    last = max((i for i, entry in enumerate(history) if entry["role"] == "assistant"), default=-1)
+    return history[: last + 1]
 
 
 def _flatten(content: Any) -> tuple[list[str], list[str]]:
