@@ -126,7 +126,7 @@ class ResourcesSection:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    """Ray CPUs per worker; on a 2-core box leave room for Ray Data (ENVIRONMENT.md: deadlock)."""
+    """Ray CPUs per worker; on a 2-core box leave room for Ray Data, whose write tasks never run when the actors hold every CPU."""
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The offline world's facts and their words in English and Malay.
 
 Small on purpose: 4 colours x 3 shapes x 1-3 shapes per picture, 2 pitches x 1-3 beeps per clip.
-The tiny random encoders keep these readable (see ENVIRONMENT.md, calibration) and a small
-answer space is what lets the tiny model reach high exact match. Every answer is a few words: a
-colour, a shape, a pitch or a digit (after the item's name when there are several: "image 2 red"),
-"image 2" / "gambar 2", or a verdict after the facts it compares ("green? blue, so no").
+The tiny random encoders keep these readable (bench/probe_media.py; docs/LEARNING.md, "Varied media
+and eval_ood"), and a small answer space is what lets the tiny model reach high exact match. Every
+answer is a few words: a colour, a shape, a pitch or a digit (after the item's name when there are
+several: "image 2 red"), "image 2" / "gambar 2", or a verdict after the facts it compares ("green?
+blue, so no").
 The words are in the tiny tokenizer's corpus (mmm/tokenizer.py), so they are short in tokens.
 """
 
