@@ -229,8 +229,11 @@ def write_report(out: Path, ev: dict, timings: dict, chat: list[tuple] | None, p
               "tensorboard --logdir " + str(out), "", "## A conversation through the OpenAI API", ""]
     if chat is None:
         lines += ["The server did not come up: see " + " and ".join(f"logs/{name}" for name in SERVE_LOGS) + "."]
+    from evaluation.exact import normalize  # the evaluation's own notion of a right answer
+
     for q, a, want in chat or []:
-        lines += [f"- **user:** {q}", f"  **mmm:** {a} (expected: {want})"]
+        verdict = "right" if normalize(a) == normalize(want) else "wrong"
+        lines += [f"- **user:** {q}", f"  **mmm:** {a} (expected: {want}; {verdict})"]
     lines += ["", "## Step timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

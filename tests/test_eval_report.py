@@ -56,6 +56,9 @@ def test_demo_server_start_is_retried_once_and_a_failed_chat_keeps_the_report(mo
     assert demo.serve_chat(demo.DEMOS["tiny"], tmp_path, tmp_path / "logs") is None
     report = demo.write_report(tmp_path, _result(0.9), {"evaluate": 10.0}, None).read_text()
     assert "| **overall** | **90.0%** |" in report and "The server did not come up" in report
+    chat = [("What colour?", "Image 1 red.", "image 1 red"), ("How many beeps?", "audio 2 2", "audio 2 1")]
+    report = demo.write_report(tmp_path, _result(0.9), {"evaluate": 10.0}, chat).read_text()
+    assert "(expected: image 1 red; right)" in report and "(expected: audio 2 1; wrong)" in report
 
 
 def test_every_kind_scored_is_in_by_kind_so_the_kinds_add_up_to_overall():
