@@ -94,12 +94,12 @@ def extend_tokenizer(tokenizer):
     Tokens the tokenizer already has (SmolLM2's ``<|im_start|>``/``<|im_end|>``) keep their ids, so
     the LM's vocabulary grows only by the really new ones."""
     tokenizer.add_special_tokens({"additional_special_tokens": MEDIA_TOKENS + [TURN_START, TURN_END]})
-    tokenizer.pad_token = _pad_token(tokenizer)
+    tokenizer.pad_token = choose_pad_token(tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def _pad_token(tokenizer) -> str:
+def choose_pad_token(tokenizer) -> str:
     """A pad that never stands for a token the model must learn to say: a pretrained tokenizer's pad
     is often its end-of-turn token (SmolLM2, TinyLlama), so its unused unk token is taken instead,
     and a new <|pad|> only when there is neither."""
