@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 import soxr
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmm.config import SAMPLE_RATE, WINDOW_SECONDS
 
@@ -98,11 +98,24 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(), name: str = "
         )
     try:
         img.load()  # the full decode; truncated or corrupt data fails here, not later in an encoder
-        return img.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img))  # a phone photo upright, as it is shown
     except Image.DecompressionBombError as e:
         raise MediaError(name, f"too many pixels to decode safely (decompression-bomb guard): {e}") from e
     except Exception as e:  # PIL raises OSError, ValueError, zlib.error... for broken pixel data
         raise MediaError(name, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as a viewer shows the image: transparency over white (as transformers' convert_to_rgb),
+    16-bit and float greys scaled to 8 bits (Pillow's convert would clip them to white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
 
 
 def _read_audio(data: bytes, limits: MediaLimits, name: str) -> tuple[np.ndarray, int]:

@@ -58,6 +58,24 @@ def test_image_modes_become_rgb():
     assert decode_image(image_bytes("PNG", mode="L")).mode == "RGB"
 
 
+def _saved(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def test_images_decode_as_a_viewer_shows_them():
+    """Transparency over white (as transformers' convert_to_rgb), 16-bit grey scaled rather than
+    clipped to white, a phone photo's EXIF rotation applied."""
+    pixel = lambda img: tuple(np.asarray(decode_image(_saved(img)))[0, 0])  # noqa: E731
+    assert pixel(Image.new("RGBA", (4, 4), (0, 0, 0, 0))) == (255, 255, 255)
+    assert pixel(Image.new("RGBA", (4, 4), (200, 10, 10, 255))) == (200, 10, 10)
+    assert pixel(Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))) == (127, 127, 127)
+    exif = Image.new("RGB", (40, 20)).getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    assert decode_image(_saved(Image.new("RGB", (40, 20), (9, 9, 9)), "JPEG", exif=exif)).size == (20, 40)
+
+
 @pytest.mark.parametrize("fmt", AUDIO_FORMATS)
 def test_audio_round_trip_to_16k_mono(fmt):
     data = audio_bytes(fmt, seconds=3.0)
