@@ -166,7 +166,7 @@ def test_lost_worker_is_replaced_and_run_ends_at_max_steps(first_run, s3, work):
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # history restored from the checkpoint, no repeats
     assert starts[1]["param_norm"] == pytest.approx(steps[1]["param_norm"], rel=1e-6)  # weights restored exactly
     f = lr_lambda(_config(work, s3, 6))
-    assert [r["lr"] for r in steps] == pytest.approx([3e-2 * f(s) for s in range(1, 7)])  # schedule restored
+    assert [r["lr"] for r in steps] == pytest.approx([3e-2 * f(s - 1) for s in range(1, 7)])  # the lr each step used
     assert steps[-1]["epoch"] >= 2, "rank 1's short epochs should have forced synchronized epoch switches"
 
 
@@ -183,6 +183,12 @@ def test_resume_continues_from_saved_step(ray_local, s3, work, first_run):
     assert starts[-1]["start_step"] == 6
     assert starts[-1]["param_norm"] == pytest.approx(steps[5]["param_norm"], rel=1e-6)
     assert [r["step"] for r in steps] == list(range(1, 9))
+    # TensorBoard too: the restart from step 2 and the resume from step 6 plot no step twice
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "out" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
     assert "checkpoint_00000008" in storage.listdir(f"s3://mmm-test/{work.name}/loop", s3)
 
@@ -278,3 +284,12 @@ def test_compat_deepspeed_still_builds_its_shm_op_where_training_skips_it():
         assert getattr(module, compat.SHM_BUILDER)() is None
     finally:
         setattr(module, compat.SHM_BUILDER, original)
+
+
+def test_stage2_trains_the_lm_as_llm_says():
+    from training.stages import llm_trains
+
+    assert llm_trains(load_config("finetune", overrides=["llm=frozen"])) is False
+    assert llm_trains(load_config("finetune", overrides=["llm=full"])) is True
+    cfg = load_config("finetune", overrides=["llm=lora", "lora.r=4"])
+    assert llm_trains(cfg) is cfg.lora and cfg.lora.r == 4

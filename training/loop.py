@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from training import storage
-from training.metrics import NullLogger, ProgressLogger, rank0_loggers
+from training.metrics import TENSORBOARD, NullLogger, ProgressLogger, rank0_loggers
 from training.config import TrainConfig
 
 Batch = dict[str, Any]
@@ -193,8 +193,8 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
                                       lr_scheduler=build_scheduler(optimizer, cfg))
     staging = None if rank else _metrics_dir(cfg)
     metrics_path = None if rank else os.path.join(staging, "metrics.jsonl")
-    start_step = _restore(engine, metrics_path)
-    records = rank0_loggers(metrics_path, cfg.run.name or cfg.stage, _flat_params(cfg)) if rank == 0 else NullLogger()
+    start_step = _restore(engine, metrics_path, cfg)
+    records = rank0_loggers(metrics_path, cfg.run.name or cfg.stage, _flat_params(cfg), start_step) if rank == 0 else NullLogger()
     bar = ProgressLogger(cfg.train.max_steps, start_step, cfg.stage) if rank == 0 and cfg.run.progress else NullLogger()
     records.event("start", start_step=start_step, param_norm=_param_norm(engine.module), max_steps=cfg.train.max_steps, world_size=world,
                  global_batch=cfg.global_batch, bf16=bool(engine.bfloat16_enabled()), setup_s=round(time.time() - t0, 2))
@@ -221,7 +221,7 @@ def _metrics_dir(cfg: TrainConfig) -> str:
     return cfg.run.output_dir
 
 
-def _restore(engine, metrics_path: str | None) -> int:
+def _restore(engine, metrics_path: str | None, cfg: TrainConfig) -> int:
     """Load the latest Ray Train checkpoint if there is one; returns the step to continue from."""
     import ray.train
 
@@ -236,7 +236,28 @@ def _restore(engine, metrics_path: str | None) -> int:
             raise RuntimeError(f"checkpoint {ckpt.path} has no DeepSpeed state")
         if metrics_path and os.path.exists(os.path.join(d, "metrics.jsonl")):
             shutil.copyfile(os.path.join(d, "metrics.jsonl"), metrics_path)  # history up to that step only
+        if metrics_path:
+            _warn_changed(os.path.join(d, "train_config.json"), cfg)
+        if metrics_path and os.path.isdir(os.path.join(d, TENSORBOARD)):  # an s3:// output_dir starts empty
+            shutil.copytree(os.path.join(d, TENSORBOARD), os.path.join(os.path.dirname(metrics_path), TENSORBOARD),
+                            dirs_exist_ok=True)
     return int(client_state["step"])
+
+
+RESUMED_AS_SAVED = ("lr", "weight_decay", "betas", "eps", "grad_clip")
+"""Optimizer settings DeepSpeed restores from a checkpoint: a resume with other values keeps the saved ones."""
+
+
+def _warn_changed(saved_config: str, cfg: TrainConfig) -> None:
+    """Say which ``train`` settings a resume changes, and which of them it cannot change."""
+    if not os.path.exists(saved_config):
+        return
+    with open(saved_config) as f:
+        saved = json.load(f).get("train", {})
+    now = cfg.to_dict()["train"]
+    for key in sorted(k for k in now if k in saved and saved[k] != now[k]):
+        effect = "kept as saved (DeepSpeed restores it)" if key in RESUMED_AS_SAVED else "applies from here on"
+        print(f"resume: train.{key} {saved[key]} -> {now[key]}: {effect}", flush=True)
 
 
 def _train(w: _Worker) -> None:
@@ -246,6 +267,7 @@ def _train(w: _Worker) -> None:
     window_start = time.time()
     for step in range(w.start_step + 1, t.max_steps + 1):
         local = torch.zeros(3, dtype=torch.float64)
+        lr = float(engine.get_lr()[0])  # this step's: engine.step() moves the schedule on to the next
         for _ in range(t.grad_accum):
             batch = w.batches.next()
             inputs = w.hooks.model_inputs(batch) if w.hooks.model_inputs else batch
@@ -254,7 +276,7 @@ def _train(w: _Worker) -> None:
             engine.step()
             local += torch.tensor([float(loss.detach()), 1.0, float(w.hooks.count_tokens(batch))], dtype=torch.float64)
         window += _all_reduce_sum(local, w.world, engine.device)
-        metrics = {"loss": float(window[0] / window[1]), "lr": float(engine.get_lr()[0]), "epoch": w.batches.epoch}
+        metrics = {"loss": float(window[0] / window[1]), "lr": lr, "epoch": w.batches.epoch}
         w.bar.log(step, metrics)
         checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
         if checkpoint:
@@ -288,6 +310,9 @@ def _checkpoint(w: _Worker, step: int, metrics: dict[str, float]) -> None:
         w.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG.format(step), client_state={"step": step})
         if w.rank == 0:
             shutil.copyfile(w.metrics_path, os.path.join(tmp, "metrics.jsonl"))
+            events = os.path.join(os.path.dirname(w.metrics_path), TENSORBOARD)
+            if os.path.isdir(events):
+                shutil.copytree(events, os.path.join(tmp, TENSORBOARD))
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(w.cfg.to_dict(), f, indent=1)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Protocol
 
@@ -59,11 +60,15 @@ class JsonlLogger:
 class TensorBoardLogger:
     """Scalars under ``<dir>`` (``tensorboard --logdir <dir>``), one tag per metric (``train/loss``)."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, start_step: int = 0):
+        """A fresh run (``start_step`` 0) starts a fresh log; a resumed one drops the events logged
+        after its checkpoint, so a step is never plotted twice."""
         from torch.utils.tensorboard import SummaryWriter
 
+        if start_step == 0:
+            shutil.rmtree(logdir, ignore_errors=True)
         self.logdir = logdir
-        self._writer = SummaryWriter(log_dir=logdir)
+        self._writer = SummaryWriter(log_dir=logdir, purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -105,12 +110,17 @@ def mlflow_configured() -> bool:
     return bool(os.environ.get("MLFLOW_TRACKING_URI")) and importlib.util.find_spec("mlflow") is not None
 
 
-def rank0_loggers(metrics_path: str, run_name: str, params: dict[str, Any]) -> MetricsLogger:
+TENSORBOARD = "tensorboard"
+"""Folder of the TensorBoard events, beside metrics.jsonl (and inside each checkpoint)."""
+
+
+def rank0_loggers(metrics_path: str, run_name: str, params: dict[str, Any], start_step: int = 0) -> MetricsLogger:
     """Rank 0's record of a run: metrics.jsonl, TensorBoard events beside it (``tensorboard/``), and
-    MLflow when configured. TensorBoard is optional: without the package the run logs the rest."""
+    MLflow when configured (a resumed run is a new MLflow run from ``start_step``). TensorBoard is
+    optional: without the package the run logs the rest."""
     loggers: list[MetricsLogger] = [JsonlLogger(metrics_path)]
     try:
-        loggers.append(TensorBoardLogger(os.path.join(os.path.dirname(metrics_path), "tensorboard")))
+        loggers.append(TensorBoardLogger(os.path.join(os.path.dirname(metrics_path), TENSORBOARD), start_step))
     except ImportError:
         pass
     if mlflow_configured():

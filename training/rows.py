@@ -112,7 +112,11 @@ def with_replay(dialogues: pa.Table, cfg: TrainConfig) -> pa.Table:
     if not pairs:
         raise ValueError(f"data.replay={cfg.data.replay} but {cfg.data.media} has no caption or transcript")
     rng = np.random.default_rng(cfg.train.seed)
-    count = min(len(pairs), round(cfg.data.replay * dialogues.num_rows))
+    wanted = round(cfg.data.replay * dialogues.num_rows)
+    count = min(len(pairs), wanted)
+    if count < wanted:
+        log.warning("data.replay=%s asks for %d stage-1 pairs, the data has %d: all of them are replayed (%.2f a dialogue)",
+                    cfg.data.replay, wanted, count, count / dialogues.num_rows)
     chosen = pa.Table.from_pylist([pairs[i] for i in rng.choice(len(pairs), count, replace=False)],
                                   schema=dialogues.schema)
     both = pa.concat_tables([dialogues, chosen])

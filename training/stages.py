@@ -158,10 +158,15 @@ def build_model(cfg: TrainConfig):
         model.set_trainable(projectors=True, llm=False)
     else:
         model = MMMModel.from_pretrained(cfg.model.init, expect_phase="stage1", storage_options=_storage_options(cfg))
-        model.set_trainable(projectors=True, llm=cfg.lora if cfg.llm == "lora" else True)
+        model.set_trainable(projectors=True, llm=llm_trains(cfg))
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
+
+
+def llm_trains(cfg: TrainConfig):
+    """What ``set_trainable`` gets for the LM: the LoRA settings, True (full) or False (frozen)."""
+    return cfg.lora if cfg.llm == "lora" else cfg.llm == "full"
 
 
 def _storage_options(cfg: TrainConfig) -> dict | None:
