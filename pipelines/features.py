@@ -38,7 +38,7 @@ from mmm.schema import AUDIO, IMAGE, encode_tensor
 
 from .ingest import ROW, Decode, ReadBytes, encoder_inputs, errors_table, media_table, read_source, unique_uris
 from .runtime import Chain, PoolConfig, RayConfig, require, set_torch_threads
-from .storage import StorageConfig, join, write_parquet_atomic
+from .storage import StorageConfig, join, read_parquet, write_parquet_atomic
 from .store import FEATURES_DIR, FeatureStore
 
 # What EncodeMedia emits: the ingest row without its bytes or input, plus the feature columns.
@@ -204,7 +204,7 @@ def build_pipeline(cfg: FeaturesConfig, uris: pa.Table, model: ModelConfig):
     blocks = [uris.slice(i, step) for i in range(0, len(uris), step)] or [uris]
     common = {"batch_format": "pyarrow", "zero_copy_batch": True}
     ds = ray.data.from_arrow(blocks)
-    ingest = [(ReadBytes, {"storage": cfg.storage}), (Decode, {"limits": cfg.limits, "model": model})]
+    ingest = [(ReadBytes, {"storage": cfg.storage, "limits": cfg.limits}), (Decode, {"limits": cfg.limits, "model": model})]
     ds = ds.map_batches(Chain, fn_constructor_kwargs={"stages": ingest}, **common, **cfg.ingest.options())
     encode_kwargs = dict(model=model, store_uri=store_uri, storage=cfg.storage, num_cpus=cfg.encode.num_cpus)
     ds = ds.map_batches(EncodeMedia, fn_constructor_kwargs=encode_kwargs, **common, **cfg.encode.options())
@@ -222,9 +222,20 @@ def run_features(cfg: FeaturesConfig) -> dict:
     results = pa.concat_tables(parts) if parts else RESULT.empty_table()
     fs, root = cfg.storage.filesystem(cfg.out)
     media, errors = media_table(results, source), errors_table(results)
-    write_parquet_atomic(fs, media, join(root, "media.parquet"))
-    write_parquet_atomic(fs, errors, join(root, "errors.parquet"))
+    done = pa.array(uris["uri"].to_pylist(), pa.string())
+    write_parquet_atomic(fs, beside_earlier(fs, join(root, "media.parquet"), media, done), join(root, "media.parquet"))
+    write_parquet_atomic(fs, beside_earlier(fs, join(root, "errors.parquet"), errors, done), join(root, "errors.parquet"))
     return summarize(results, media, errors, time.time() - start)
+
+
+def beside_earlier(fs, path: str, rows: pa.Table, uris: pa.Array) -> pa.Table:
+    """``rows`` with the rows an earlier run wrote to ``path`` about other uris: runs over other
+    sources into the same root add up, and a rerun over the same source replaces its own rows."""
+    earlier = read_parquet(fs, path)
+    if earlier is None:
+        return rows
+    kept = earlier.filter(pc.invert(pc.is_in(earlier["uri"], value_set=uris)))
+    return pa.concat_tables([kept.select(rows.column_names).cast(rows.schema), rows])
 
 
 def summarize(results: pa.Table, media: pa.Table, errors: pa.Table, seconds: float) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import posixpath
 import re
 
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 
 from mmm import pixels
 from mmm.config import SAMPLE_RATE, ModelConfig
-from mmm.media import MediaError, MediaLimits, decode_audio, decode_image, media_id, sniff_modality
+from mmm.media import MiB, MediaError, MediaLimits, decode_audio, decode_image, media_id, sniff_modality
 from mmm.schema import AUDIO, ERRORS, IMAGE, MEDIA
 
 from .runtime import require
@@ -66,7 +67,7 @@ def read_source(source: str, storage: StorageConfig) -> pa.Table:
     if path.endswith((".parquet", ".jsonl", ".json")):
         table = _read_manifest(fs, path)
         base = uri_of(fs, posixpath.dirname(path), source)
-        uris = [_resolve(u, base) for u in table["uri"].to_pylist()]
+        uris = [_resolve(u, base) if u else f"{NO_URI}{source}#{i}" for i, u in enumerate(table["uri"].to_pylist())]
         table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
     else:
         if not fs.isdir(path):
@@ -78,6 +79,10 @@ def read_source(source: str, storage: StorageConfig) -> pa.Table:
     return table.select(["uri", "modality", *TEXT_COLUMNS]).cast(
         pa.schema([(n, pa.string()) for n in ("uri", "modality", *TEXT_COLUMNS)])
     )
+
+
+NO_URI = "no-uri:"
+"""The uri given to a manifest row that has none (``no-uri:<manifest>#<row>``): it becomes an error row."""
 
 
 def _resolve(uri: str, base: str) -> str:
@@ -127,8 +132,10 @@ class ReadBytes:
 
     NEEDS = ("uri", "modality")
 
-    def __init__(self, storage: StorageConfig):
+    def __init__(self, storage: StorageConfig, limits: MediaLimits = MediaLimits()):
         self.storage = storage
+        # a file larger than any item may be is refused from its size, before it is read into memory
+        self.max_bytes = max(limits.max_image_bytes, limits.max_audio_bytes)
         self.filesystems: dict[bool, tuple] = {}
 
     def _open(self, uri: str):
@@ -158,11 +165,19 @@ class ReadBytes:
         return _row_table(cols, len(uris))
 
     def _read(self, uri: str) -> bytes:
+        if uri.startswith(NO_URI):
+            raise ValueError("the manifest row has no uri")
         if "://" not in uri:  # a local path: plain open, without fsspec's per-call overhead
+            self._check_size(os.path.getsize(uri))
             with open(uri, "rb") as f:
                 return f.read()
         fs, path = self._open(uri)
+        self._check_size(fs.size(path))
         return fs.cat_file(path)
+
+    def _check_size(self, size: int | None) -> None:
+        if size is not None and size > self.max_bytes:
+            raise ValueError(f"{size / MiB:.1f} MiB is larger than any media item may be ({self.max_bytes / MiB:.0f} MiB)")
 
 
 def _row_table(cols: dict[str, list], n: int, rest: pa.Table | None = None) -> pa.Table:

@@ -102,19 +102,21 @@ def read_parquet(fs, path: str, columns: list[str] | None = None, schema: pa.Sch
     return pq.read_table(path, filesystem=fs, columns=columns, schema=schema)
 
 
-def _visible_files(fs, root: str) -> list[str]:
-    """Files under ``root`` whose path (below root) has no ``_``/``.``-prefixed component."""
+def _visible_files(fs, root: str, hidden: tuple[str, ...] = ("_", ".")) -> list[str]:
+    """Files under ``root`` whose path (below root) has no component starting with ``hidden``: a
+    store's own ``_tmp/`` and ``_SUCCESS`` by default."""
     out = []
     for p in fs.find(root):
         rel = posixpath.relpath(p, root)
-        if not any(c.startswith(("_", ".")) for c in rel.split("/")):
+        if not any(c.startswith(hidden) for c in rel.split("/")):
             out.append(p)
     return sorted(out)
 
 
 def list_files(fs, root: str) -> list[str]:
-    """Every visible file under a folder or prefix, sorted (hidden and ``_``-prefixed skipped)."""
-    return _visible_files(fs, root)
+    """Every file under a folder or prefix of the user's media, sorted; hidden ones (``.DS_Store``,
+    ``.git/``) skipped, ``_``-prefixed ones kept (cameras name photos ``_DSC0001.JPG``)."""
+    return _visible_files(fs, root, hidden=(".",))
 
 
 def uri_of(fs, path: str, like: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,21 @@ def test_rerun_writes_nothing_new(root, featured):
     summary = features_job.main([f"source={root / 'media'}", f"out={root}", *SMALL_FEATURES, *QUIET])
     assert summary["encoded"] == {IMAGE: 0, AUDIO: 0} and summary["skipped"] == 26 and summary["parts_written"] == 0
     assert _parts(root) == before
+
+
+def test_a_run_over_another_source_keeps_the_rows_of_earlier_ones(root, featured):
+    """media.parquet and errors.parquet add up over sources; ``_``-prefixed files are media too."""
+    extra = root / "extra"
+    extra.mkdir()
+    first = next(p for p in sorted((root / "media").rglob("*.png")))
+    shutil.copyfile(first, extra / "_DSC0001.png")  # same bytes: nothing new to encode
+    (extra / ".DS_Store").write_bytes(b"\0")
+    summary = features_job.main([f"source={extra}", f"out={root}", *SMALL_FEATURES, *QUIET])
+    assert summary["items"] == 1 and summary["errors"] == 0
+    uris = pq.read_table(root / "media.parquet")["uri"].to_pylist()
+    assert str(extra / "_DSC0001.png") in uris and len(uris) > 26
+    errors = {Path(u).name for u in pq.read_table(root / "errors.parquet")["uri"].to_pylist()}
+    assert {"corrupt.png", "missing.wav"} <= errors
 
 
 def test_a_crashed_run_leaves_a_readable_store_and_the_rerun_completes_it(root, featured):
