@@ -91,7 +91,11 @@ def load_split(cfg: EvalConfig, split: str | None = None, required: bool = True,
     rows = table.filter(pc.equal(table["split"], split)).sort_by("dialogue_id").to_pylist()
     if not rows and required:
         raise ValueError(f"{cfg.data}/dialogues has no {split!r} rows")
-    return rows[: cfg.max_dialogues] if cfg.max_dialogues and limit else rows
+    return first_dialogues(cfg, rows) if limit else rows
+
+
+def first_dialogues(cfg: EvalConfig, rows: list[dict]) -> list[dict]:
+    return rows[: cfg.max_dialogues] if cfg.max_dialogues else rows
 
 
 def ood_rows(cfg: EvalConfig, rows: list[dict]) -> list[dict]:
@@ -103,9 +107,7 @@ def ood_rows(cfg: EvalConfig, rows: list[dict]) -> list[dict]:
     ood = load_split(cfg, cfg.ood_split, required=False, limit=False)
     scored = {r["dialogue_id"] + "-ood" for r in rows}
     twins = [r for r in ood if r["dialogue_id"] in scored]
-    if twins or not ood:
-        return twins
-    return ood[: cfg.max_dialogues] if cfg.max_dialogues else ood
+    return twins if twins or not ood else first_dialogues(cfg, ood)
 
 
 def evaluate(cfg: EvalConfig) -> dict:

@@ -222,9 +222,10 @@ def run_features(cfg: FeaturesConfig) -> dict:
     results = pa.concat_tables(parts) if parts else RESULT.empty_table()
     fs, root = cfg.storage.filesystem(cfg.out)
     media, errors = media_table(results, source), errors_table(results)
-    done = pa.array(uris["uri"].to_pylist(), pa.string())
-    write_parquet_atomic(fs, beside_earlier(fs, join(root, "media.parquet"), media, done), join(root, "media.parquet"))
-    write_parquet_atomic(fs, beside_earlier(fs, join(root, "errors.parquet"), errors, done), join(root, "errors.parquet"))
+    done = uris["uri"].combine_chunks()
+    for name, rows in (("media.parquet", media), ("errors.parquet", errors)):
+        path = join(root, name)
+        write_parquet_atomic(fs, beside_earlier(fs, path, rows, done), path)
     return summarize(results, media, errors, time.time() - start)
 
 

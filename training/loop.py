@@ -234,14 +234,20 @@ def _restore(engine, metrics_path: str | None, cfg: TrainConfig) -> int:
         _, client_state = engine.load_checkpoint(d)
         if client_state is None:
             raise RuntimeError(f"checkpoint {ckpt.path} has no DeepSpeed state")
-        if metrics_path and os.path.exists(os.path.join(d, "metrics.jsonl")):
-            shutil.copyfile(os.path.join(d, "metrics.jsonl"), metrics_path)  # history up to that step only
-        if metrics_path:
-            _warn_changed(os.path.join(d, "train_config.json"), cfg)
-        if metrics_path and os.path.isdir(os.path.join(d, TENSORBOARD)):  # an s3:// output_dir starts empty
-            shutil.copytree(os.path.join(d, TENSORBOARD), os.path.join(os.path.dirname(metrics_path), TENSORBOARD),
-                            dirs_exist_ok=True)
+        if metrics_path:  # rank 0
+            _restore_records(d, metrics_path, cfg)
     return int(client_state["step"])
+
+
+def _restore_records(checkpoint: str, metrics_path: str, cfg: TrainConfig) -> None:
+    """Rank 0: the run's history up to the checkpoint's step (metrics.jsonl, TensorBoard events:
+    an s3:// output_dir starts empty), and what the resume changes."""
+    if os.path.exists(os.path.join(checkpoint, "metrics.jsonl")):
+        shutil.copyfile(os.path.join(checkpoint, "metrics.jsonl"), metrics_path)
+    if os.path.isdir(os.path.join(checkpoint, TENSORBOARD)):
+        shutil.copytree(os.path.join(checkpoint, TENSORBOARD), os.path.join(os.path.dirname(metrics_path), TENSORBOARD),
+                        dirs_exist_ok=True)
+    _warn_changed(os.path.join(checkpoint, "train_config.json"), cfg)
 
 
 RESUMED_AS_SAVED = ("lr", "weight_decay", "betas", "eps", "grad_clip")
