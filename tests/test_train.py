@@ -265,6 +265,23 @@ def test_a_rerun_with_the_same_seed_trains_the_same_model(stage1, work):
     assert _equal(state_a, state_b), "the same seed, data and workers must end with the same weights"
 
 
+def test_rows_too_long_for_the_context_are_skipped_and_counted(stage1, work, tiny_model):
+    """packed_batches drops dialogues longer than train.context_length and each batch says how many
+    it dropped since the one before; the loop sums them into metrics.jsonl (tests/test_train_loop.py)."""
+    rows = [r for r in pq.read_table(work / "data" / "dialogues").to_pylist() if r["split"] == "train"][:60]
+    cfg, _ = stages.job_config("finetune", str(work / "data"), None, [f"model.init={stage1.final}", "train.micro_batch_size=2"])
+    index = rows_mod.worker_index(tiny_model, cfg)
+    lengths = sorted(len(rows_mod.render_row(tiny_model, r, index)["input_ids"]) for r in rows)
+    context = lengths[len(lengths) // 2]
+    cfg, _ = stages.job_config("finetune", str(work / "data"), None,
+                               [f"model.init={stage1.final}", "train.micro_batch_size=2", f"train.context_length={context}"])
+    batches = list(rows_mod.packed_batches(tiny_model, cfg, rows))
+    too_long = sum(n > context for n in lengths)
+    assert 0 < too_long < len(rows)
+    assert sum(b["skipped_rows"] for b in batches) == too_long
+    assert sum(int(b["num_tokens"]) for b in batches) == sum(n for n in lengths if n <= context)
+
+
 def test_stage2_refuses_a_checkpoint_of_another_phase(stage2, work, capsys):
     args = [*_args(work, "finetune", 1, 1), "run.name=refused"]
     with pytest.raises(CheckpointError, match="stage1"):

@@ -3,7 +3,8 @@
 A tiny stand-in model (regression MLP; ``model(**batch).loss``) keeps this about the machinery:
 the loss falls; a worker that dies mid-run is replaced and the run still ends at max_steps;
 ranks whose shards give different numbers of batches switch epochs together (no hang); an
-interrupted run resumes from its saved step. Two ``trainer.fit`` calls in all (~25 s start-up each).
+interrupted run resumes from its saved step and its place in the epoch. Two ``trainer.fit`` calls in
+all (~25 s start-up each).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ ROWS = 48
 
 
 class StandIn(torch.nn.Module):
-    """y = f(x) regression; rank 1 raises once at forward ``fail_at`` when ``marker`` does not exist."""
+    """y = f(x) regression; rank 1 raises once at forward ``fail_at`` when ``marker`` does not exist.
+    Rank 0 appends each micro-batch it trains on (its first x, and its process) to ``marker.rank0``."""
 
     def __init__(self, marker: str | None, fail_at: int | None):
         super().__init__()
@@ -39,10 +41,22 @@ class StandIn(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> SimpleNamespace:  # x (B, DIM), y (B,)
         self.calls += 1
+        if self.marker and torch.distributed.get_rank() == 0:
+            with open(self.marker + ".rank0", "a") as f:
+                f.write(f"{os.getpid()} {float(x[0, 0]):.6f}\n")
         if self.fail_at and self.calls == self.fail_at and torch.distributed.get_rank() == 1 and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise RuntimeError("injected worker failure")
         return SimpleNamespace(loss=torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y))
+
+
+def trained_batches(log: str) -> list[list[str]]:
+    """Rank 0's micro-batches from a ``StandIn`` log, one list per worker process in order."""
+    runs: dict[str, list[str]] = {}
+    with open(log) as f:
+        for pid, key in (line.split() for line in f):
+            runs.setdefault(pid, []).append(key)
+    return list(runs.values())
 
 
 def build_standin(cfg, marker=None, fail_at=None) -> torch.nn.Module:
@@ -50,16 +64,22 @@ def build_standin(cfg, marker=None, fail_at=None) -> torch.nn.Module:
 
 
 def batches_by_rank(model, cfg, rows):
-    """Rank 1 keeps half its rows, so its epochs end first: exercises the synchronized epoch switch."""
+    """Rank 1 keeps half its rows, so its epochs end first: exercises the synchronized epoch switch.
+    Each batch reports the rows dropped since the batch before as ``skipped_rows``."""
     rank = torch.distributed.get_rank()
-    group = []
+    group, skipped = [], 0
     for i, row in enumerate(rows):
         if rank == 1 and i % 2:
+            skipped += 1
             continue
         group.append(row)
         if len(group) == cfg.train.micro_batch_size:
-            yield {"x": torch.tensor([r["x"] for r in group]), "y": torch.tensor([r["y"] for r in group])}
-            group = []
+            yield {"x": torch.tensor([r["x"] for r in group]), "y": torch.tensor([r["y"] for r in group]), "skipped_rows": skipped}
+            group, skipped = [], 0
+
+
+def xy(batch: dict) -> dict:
+    return {"x": batch["x"], "y": batch["y"]}
 
 
 def export_state(model, out_dir, cfg) -> None:
@@ -145,7 +165,7 @@ def first_run(ray_local, s3, work):
     """6 steps, checkpoints every 2; rank 1 dies once in step 3, so the group restarts from step 2."""
     marker = str(work / "failed-once")
     hooks = TrainHooks(build_model=functools.partial(build_standin, marker=marker, fail_at=3 * GRAD_ACCUM),
-                       make_batches=batches_by_rank, export=export_state)
+                       make_batches=batches_by_rank, export=export_state, model_inputs=xy)
     # rank 0 gets ~24 rows (6 micro-batches an epoch), rank 1 keeps ~12 (3): epochs end unevenly.
     result = fit(_config(work, s3, 6), hooks, {"train": ray_local.data.from_items(_rows(ROWS))})
     return SimpleNamespace(result=result, marker=marker, exported=torch.load(work / "out" / "model" / "model.pt"))
@@ -168,11 +188,23 @@ def test_lost_worker_is_replaced_and_run_ends_at_max_steps(first_run, s3, work):
     f = lr_lambda(_config(work, s3, 6))
     assert [r["lr"] for r in steps] == pytest.approx([3e-2 * f(s - 1) for s in range(1, 7)])  # the lr each step used
     assert steps[-1]["epoch"] >= 2, "rank 1's short epochs should have forced synchronized epoch switches"
+    # rank 1 drops a row after each it keeps: 3 or 4 per micro-batch of 4, two micro-batches a step
+    assert all(6 <= r["skipped_rows"] <= 8 for r in steps), [r["skipped_rows"] for r in steps]
+
+
+@pytest.mark.timeout(300)
+def test_restart_continues_inside_its_epoch(first_run):
+    """The restart from step 2 trains on what the failed run would have trained next: its first
+    micro-batches are the failed run's 5th onwards (2 steps x 2 micro-batches were checkpointed)."""
+    failed, restarted = trained_batches(first_run.marker + ".rank0")
+    done = 2 * GRAD_ACCUM
+    assert len(failed) > done, failed
+    assert restarted[:len(failed) - done] == failed[done:], (failed, restarted)
 
 
 @pytest.mark.timeout(300)
 def test_resume_continues_from_saved_step(ray_local, s3, work, first_run):
-    hooks = TrainHooks(build_model=build_standin, make_batches=batches_by_rank, export=export_state)
+    hooks = TrainHooks(build_model=build_standin, make_batches=batches_by_rank, export=export_state, model_inputs=xy)
     data = {"train": ray_local.data.from_items(_rows(ROWS))}
     with pytest.raises(FileExistsError, match="--resume"):
         fit(_config(work, s3, 8), hooks, data)  # same name without --resume: refused, not silently resumed
@@ -183,6 +215,8 @@ def test_resume_continues_from_saved_step(ray_local, s3, work, first_run):
     assert starts[-1]["start_step"] == 6
     assert starts[-1]["param_norm"] == pytest.approx(steps[5]["param_norm"], rel=1e-6)
     assert [r["step"] for r in steps] == list(range(1, 9))
+    assert steps[6]["epoch"] >= steps[5]["epoch"], "a resume continues the epoch count"
+    assert starts[-1]["epoch"] == steps[5]["epoch"], "the resume starts in the epoch the checkpoint was in"
     # TensorBoard too: the restart from step 2 and the resume from step 6 plot no step twice
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

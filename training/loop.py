@@ -16,8 +16,12 @@ Steps count optimizer steps. Each worker loops its Ray Data shard over epochs; r
 micro-batch on whether all still have data (one tiny all-reduce), so a shard that runs dry first
 makes every rank start the next epoch together -- Ray's streaming split starts an epoch only when
 all splits ask for it, and a rank waiting there while another waits in a gradient all-reduce
-would hang. The ranks' leftovers of that epoch are skipped. The position inside an epoch is not
-checkpointed: a resumed run starts a fresh, differently shuffled epoch.
+would hang. The ranks' leftovers of that epoch are skipped. A checkpoint keeps the epoch and how
+many micro-batches of it each rank has taken (the same count on every rank): a resumed run rebuilds
+that epoch in the same order (the shuffle is seeded per rank and epoch, and ``data.preserve_order``
+keeps Ray's block order) and skips what was trained, so no row is trained twice or left out
+because of the interruption. The skip renders and collates the skipped micro-batches again but
+runs no forward pass.
 
 Resume and failures: re-running with the same ``run.name`` and ``run.storage_path`` continues from
 the latest checkpoint (Ray Train V2's auto-resume, through ``ray.train.get_checkpoint()``);
@@ -67,7 +71,8 @@ class TrainHooks:
     """In each worker: build or load the model and set what trains (cfg.llm). Seeded identically."""
     make_batches: Callable[[torch.nn.Module, TrainConfig, Iterable[dict]], Iterator[Batch]]
     """One epoch of this worker's rows (dicts) -> micro-batches, each called as ``model(**batch)``
-    and returning an object with ``.loss`` (e.g. rows -> render -> mmm.packing.collate_packed)."""
+    and returning an object with ``.loss`` (e.g. rows -> render -> mmm.packing.collate_packed). A
+    batch's optional ``skipped_rows`` (rows dropped since the batch before) is summed into the log."""
     export: Callable[[torch.nn.Module, str, TrainConfig], None] | None = None
     """Rank 0 after the last step: write the final model into a local folder (e.g. save_pretrained)."""
     count_tokens: Callable[[Batch], int] = default_count_tokens
@@ -107,11 +112,15 @@ def fit(cfg: TrainConfig, hooks: TrainHooks, datasets: dict[str, Any], resume: b
 
 
 def _data_config(cfg: TrainConfig):
-    """Ray Train's default ingest, with the block order that ``data.preserve_order`` asks for."""
+    """Ray Train's default ingest (the DataContext's limits), with the block order that
+    ``data.preserve_order`` asks for. Built here rather than from ``default_ingest_options()``, which
+    passes Ray Data's deprecated ``exclude_resources`` and warns."""
+    import ray.data
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.preserve_order
+    current = ray.data.DataContext.get_current().execution_options
+    options = ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=cfg.data.preserve_order,
+                                        verbose_progress=current.verbose_progress)
     return ray.train.DataConfig(execution_options=options)
 
 
@@ -193,14 +202,16 @@ def _setup(cfg: TrainConfig, hooks: TrainHooks) -> _Worker:
                                       lr_scheduler=build_scheduler(optimizer, cfg))
     staging = None if rank else _metrics_dir(cfg)
     metrics_path = None if rank else os.path.join(staging, "metrics.jsonl")
-    start_step = _restore(engine, metrics_path, cfg)
+    start = _restore(engine, metrics_path, cfg)
+    start_step = start.step
     records = rank0_loggers(metrics_path, cfg.run.name or cfg.stage, _flat_params(cfg), start_step) if rank == 0 else NullLogger()
     bar = ProgressLogger(cfg.train.max_steps, start_step, cfg.stage) if rank == 0 and cfg.run.progress else NullLogger()
-    records.event("start", start_step=start_step, param_norm=_param_norm(engine.module), max_steps=cfg.train.max_steps, world_size=world,
+    records.event("start", start_step=start_step, epoch=start.epoch, skipped_micro_batches=start.epoch_batches, param_norm=_param_norm(engine.module), max_steps=cfg.train.max_steps, world_size=world,
                  global_batch=cfg.global_batch, bf16=bool(engine.bfloat16_enabled()), setup_s=round(time.time() - t0, 2))
     shard = ray.train.get_dataset_shard("train")
-    epochs = _EpochRows(shard, cfg, rank, start_step)
-    batches = _SyncedBatches(lambda e: hooks.make_batches(engine.module, cfg, epochs(e)), world, engine.device)
+    epochs = _EpochRows(shard, cfg, rank)
+    batches = _SyncedBatches(lambda e: hooks.make_batches(engine.module, cfg, epochs(e)), world, engine.device,
+                             start.epoch, start.epoch_batches)
     return _Worker(cfg, hooks, engine, rank, world, start_step, batches, records, bar, metrics_path, staging)
 
 
@@ -221,22 +232,31 @@ def _metrics_dir(cfg: TrainConfig) -> str:
     return cfg.run.output_dir
 
 
-def _restore(engine, metrics_path: str | None, cfg: TrainConfig) -> int:
-    """Load the latest Ray Train checkpoint if there is one; returns the step to continue from."""
+@dataclass(frozen=True)
+class _Position:
+    """Where training stands: the optimizer step done, the epoch, and micro-batches taken from it."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_batches: int = 0
+
+
+def _restore(engine, metrics_path: str | None, cfg: TrainConfig) -> _Position:
+    """Load the latest Ray Train checkpoint if there is one; returns the position to continue from."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         if metrics_path:
             open(metrics_path, "w").close()  # a fresh run starts a fresh log
-        return 0
+        return _Position()
     with ckpt.as_directory() as d:
         _, client_state = engine.load_checkpoint(d)
         if client_state is None:
             raise RuntimeError(f"checkpoint {ckpt.path} has no DeepSpeed state")
         if metrics_path:  # rank 0
             _restore_records(d, metrics_path, cfg)
-    return int(client_state["step"])
+    return _Position(**{k: int(client_state.get(k, 0)) for k in ("step", "epoch", "epoch_batches")})
 
 
 def _restore_records(checkpoint: str, metrics_path: str, cfg: TrainConfig) -> None:
@@ -269,10 +289,10 @@ def _warn_changed(saved_config: str, cfg: TrainConfig) -> None:
 def _train(w: _Worker) -> None:
     cfg, engine = w.cfg, w.engine
     t = cfg.train
-    window = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens since the last log
+    window = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, tokens, rows skipped since the last log
     window_start = time.time()
     for step in range(w.start_step + 1, t.max_steps + 1):
-        local = torch.zeros(3, dtype=torch.float64)
+        local = torch.zeros(4, dtype=torch.float64)
         lr = float(engine.get_lr()[0])  # this step's: engine.step() moves the schedule on to the next
         for _ in range(t.grad_accum):
             batch = w.batches.next()
@@ -280,7 +300,8 @@ def _train(w: _Worker) -> None:
             loss = engine(**_to_device(inputs, engine.device, torch.bfloat16 if engine.bfloat16_enabled() else None)).loss
             engine.backward(loss)
             engine.step()
-            local += torch.tensor([float(loss.detach()), 1.0, float(w.hooks.count_tokens(batch))], dtype=torch.float64)
+            local += torch.tensor([float(loss.detach()), 1.0, float(w.hooks.count_tokens(batch)),
+                                   float(batch.get("skipped_rows", 0))], dtype=torch.float64)
         window += _all_reduce_sum(local, w.world, engine.device)
         metrics = {"loss": float(window[0] / window[1]), "lr": lr, "epoch": w.batches.epoch}
         w.bar.log(step, metrics)
@@ -289,7 +310,8 @@ def _train(w: _Worker) -> None:
             metrics["param_norm"] = _param_norm(engine.module)
         if step % t.log_every == 0 or checkpoint:
             elapsed = time.time() - window_start
-            metrics.update(tokens_per_s=float(window[2]) / max(elapsed, 1e-9), steps_per_s=_steps(window, w) / max(elapsed, 1e-9))
+            metrics.update(tokens_per_s=float(window[2]) / max(elapsed, 1e-9), steps_per_s=_steps(window, w) / max(elapsed, 1e-9),
+                           skipped_rows=int(window[3]))
             w.records.log(step, metrics)
             window.zero_()
             window_start = time.time()
@@ -313,7 +335,8 @@ def _checkpoint(w: _Worker, step: int, metrics: dict[str, float]) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="mmm-ckpt-") as tmp:
-        w.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG.format(step), client_state={"step": step})
+        position = {"step": step, "epoch": w.batches.epoch, "epoch_batches": w.batches.served}
+        w.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG.format(step), client_state=position)
         if w.rank == 0:
             shutil.copyfile(w.metrics_path, os.path.join(tmp, "metrics.jsonl"))
             events = os.path.join(os.path.dirname(w.metrics_path), TENSORBOARD)
@@ -349,26 +372,30 @@ def _cleanup(w: _Worker) -> None:
 
 
 class _EpochRows:
-    """``epochs(e)`` -> this worker's rows for epoch ``e``, shuffled with a seed per (rank, epoch)."""
+    """``epochs(e)`` -> this worker's rows for epoch ``e``, shuffled with a seed per (rank, epoch), so
+    a resumed run sees an epoch in the order the interrupted one did."""
 
-    def __init__(self, shard, cfg: TrainConfig, rank: int, start_step: int):
-        self.shard, self.cfg, self.rank, self.start_step = shard, cfg, rank, start_step
+    def __init__(self, shard, cfg: TrainConfig, rank: int):
+        self.shard, self.cfg, self.rank = shard, cfg, rank
 
     def __call__(self, epoch: int) -> Iterator[dict]:
         buf = self.cfg.data.shuffle_buffer
-        seed = self.cfg.train.seed + 1_000_003 * self.start_step + 1009 * epoch + self.rank
+        seed = self.cfg.train.seed + 1009 * epoch + self.rank
         for table in self.shard.iter_batches(batch_size=64, batch_format="pyarrow",
                                              local_shuffle_buffer_size=buf or None, local_shuffle_seed=seed if buf else None):
             yield from table.to_pylist()
 
 
 class _SyncedBatches:
-    """Micro-batches from per-epoch iterators; all ranks switch epochs together (see module doc)."""
+    """Micro-batches from per-epoch iterators; all ranks switch epochs together (see module doc).
+    Starts in ``epoch`` after skipping the ``skip`` micro-batches an interrupted run already took."""
 
-    def __init__(self, epoch_batches: Callable[[int], Iterator[Batch]], world: int, device):
+    def __init__(self, epoch_batches: Callable[[int], Iterator[Batch]], world: int, device, epoch: int = 0, skip: int = 0):
         self._epoch_batches, self._world, self._device = epoch_batches, world, device
-        self.epoch = 0
-        self._it = iter(epoch_batches(0))
+        self.epoch, self.served = epoch, 0
+        self._it = iter(epoch_batches(epoch))
+        for _ in range(skip):
+            self.next()
 
     def next(self) -> Batch:
         for _ in range(2):  # the current epoch, else one fresh epoch, must serve every rank
@@ -376,8 +403,9 @@ class _SyncedBatches:
             have = torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64)
             if self._world == 1 or float(_all_reduce_sum(have, self._world, self._device)) == self._world:
                 if batch is not None:
+                    self.served += 1
                     return batch
-            self.epoch += 1
+            self.epoch, self.served = self.epoch + 1, 0
             self._it = iter(self._epoch_batches(self.epoch))
         raise RuntimeError("a fresh epoch gave some worker no micro-batch: the dataset has too few rows for "
                            "num_workers x micro_batch_size (or make_batches yields nothing)")

@@ -248,13 +248,27 @@ def render_row(model, row: dict, index: FeatureIndex) -> dict:
     }
 
 
-def samples(model, cfg: TrainConfig, rows: Iterable[dict], index: FeatureIndex) -> Iterator[dict]:
-    """Rendered samples; rows longer than the context are skipped with a warning (never truncated)."""
+class TooLong:
+    """Counts the rows ``samples`` skips because they do not fit the context, for the batches to report."""
+
+    def __init__(self):
+        self.count = 0
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def samples(model, cfg: TrainConfig, rows: Iterable[dict], index: FeatureIndex, too_long: TooLong | None = None) -> Iterator[dict]:
+    """Rendered samples; rows longer than the context are skipped (never truncated): warned about and
+    counted in ``too_long``."""
     for row in rows:
         s = render_row(model, row, index)
         if len(s["input_ids"]) > cfg.train.context_length:
             log.warning("skipping %s: %d tokens > train.context_length %d", row.get("dialogue_id"),
                         len(s["input_ids"]), cfg.train.context_length)
+            if too_long is not None:
+                too_long.count += 1
             continue
         yield s
 
@@ -262,10 +276,14 @@ def samples(model, cfg: TrainConfig, rows: Iterable[dict], index: FeatureIndex) 
 def packed_batches(model, cfg: TrainConfig, rows: Iterable[dict]) -> Iterator[dict[str, Any]]:
     """TrainHooks.make_batches: one epoch of this worker's rows -> micro-batches of
     ``train.micro_batch_size`` packed rows of ``train.context_length`` (leftovers carried over, so
-    rows stay full)."""
+    rows stay full). Each batch's ``skipped_rows`` counts the rows skipped as too long since the
+    batch before (the training loop logs their sum)."""
     index = worker_index(model, cfg)
-    yield from pack_stream(samples(model, cfg, rows, index), cfg.train.context_length, cfg.train.micro_batch_size,
-                           model.tokenizer.pad_token_id)
+    too_long = TooLong()
+    for batch in pack_stream(samples(model, cfg, rows, index, too_long), cfg.train.context_length,
+                             cfg.train.micro_batch_size, model.tokenizer.pad_token_id):
+        batch["skipped_rows"] = too_long.take()
+        yield batch
 
 
 def join_cost(dialogues: pa.Table, index: FeatureIndex) -> dict[str, float]:

@@ -250,11 +250,12 @@ def summary(cfg: TrainConfig, result, seconds: float) -> dict:
 
 
 def training_time(records: list[dict]) -> dict:
-    """Seconds spent in optimizer steps (first start event to the last metric line, restarts included)."""
+    """Seconds spent in optimizer steps (first start event to the last metric line, restarts included),
+    and the rows skipped as longer than the context (each time an epoch met them)."""
     starts = [r for r in records if r.get("event") == "start"]
     steps = [r for r in records if "step" in r and "loss" in r]
     if not starts or not steps:
         return {}
     first = steps[0]
     return {"train_seconds": round(steps[-1]["time"] - starts[0]["time"], 1), "first_loss": first["loss"],
-            "setup_seconds": starts[0].get("setup_s")}
+            "setup_seconds": starts[0].get("setup_s"), "skipped_rows": sum(r.get("skipped_rows", 0) for r in steps)}
