@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 
 from .schema import AUDIO, IMAGE
-from .tokenizer import AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, TURN_END
+from .tokenizer import (AUDIO_END, AUDIO_PAD, AUDIO_START, BOS, IMAGE_END, IMAGE_PAD, IMAGE_START, MEDIA_TOKENS, PAD,
+                        TURN_END, TURN_START)
 
 IGNORE_INDEX = -100
 _SPAN = re.compile(r"<(image|audio)></\1>")
@@ -32,8 +33,25 @@ MEDIA_LABELS = {IMAGE: "Image", AUDIO: "Audio"}
 """The word of each modality's label: "Image 1: ", "Audio 1: "."""
 
 
+RESERVED = (*MEDIA_TOKENS, TURN_START, TURN_END, PAD, BOS)
+"""Strings every MMM tokenizer reads as one control token: text must not carry them, or a message
+could open a turn, a media span or a placeholder that no item fills."""
+
+
 class PlaceholderMismatchError(ValueError):
     """The media in a conversation and the features given for them do not line up."""
+
+
+class ReservedTokenError(ValueError):
+    """A message's text holds a string that the tokenizer reads as a control token."""
+
+
+def reserved_token(text: str, reserved=RESERVED) -> str | None:
+    """The first of ``reserved`` in ``text`` outside its empty media spans, else None. Rejected rather
+    than escaped, as tiktoken refuses special tokens in text by default: an escaped ``<|im_end|>``
+    would still teach or prompt the model with a string it reads as structure elsewhere."""
+    bare = _SPAN.sub("", text)
+    return next((token for token in reserved if token and token in bare), None)
 
 
 @dataclass
@@ -109,6 +127,15 @@ def _expand(text: str, counts: list[int], start: int, numbers: dict[str, int] | 
     return _SPAN.sub(fill, text), index
 
 
+def _refuse_reserved(tokenizer, texts: list[str]) -> None:
+    reserved = (*RESERVED, *getattr(tokenizer, "all_special_tokens", ()))
+    for i, text in enumerate(texts):
+        token = reserved_token(text, reserved)
+        if token is not None:
+            raise ReservedTokenError(f"message {i + 1} contains {token!r}, which the tokenizer reads as a control token "
+                                     "(turns, media spans, padding); remove it, and send media as image or audio parts")
+
+
 def _open_last_turn(tokenizer, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     """Cut a rendered conversation at its last turn-end marker: the final message stays open."""
     end = tokenizer.convert_tokens_to_ids(TURN_END)
@@ -122,6 +149,7 @@ def render(tokenizer, messages, media_token_counts, add_generation_prompt: bool 
     ``continue_final_message`` leaves the last (assistant) message open, so generation continues
     it (vLLM's option of the same name); it excludes ``add_generation_prompt``."""
     texts = [content_to_text(msg["content"]) for msg in messages]
+    _refuse_reserved(tokenizer, texts)
     modalities = _span_modalities(texts)
     counts = [int(c) for c in media_token_counts]
     if len(modalities) != len(counts):

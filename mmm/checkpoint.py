@@ -42,7 +42,12 @@ def save(model, path: str, phase: str) -> None:
 
     if phase not in PHASES:
         raise CheckpointError(f"unknown phase {phase!r}; phases are {PHASES}")
+    if "://" in path:
+        raise CheckpointError(f"save_pretrained writes a local folder, not {path}: save locally, then upload the "
+                              "folder (the training jobs do, to an s3:// run.output_dir)")
     os.makedirs(path, exist_ok=True)
+    if os.path.exists(os.path.join(path, META)):  # a save over an older one: incomplete until its own META
+        os.remove(os.path.join(path, META))
     lora.merged(model.llm).save_pretrained(os.path.join(path, "llm"))
     model.vision.tower.save_pretrained(os.path.join(path, "vision"))
     model.vision.processor.save_pretrained(os.path.join(path, "vision"))

@@ -40,7 +40,8 @@ class Sampling:
 @dataclass
 class Past:
     """A reusable KV prefix for one row: per layer (keys, values) of shape (1, H, >= n, D), and how
-    many of its tokens the row's prompt shares."""
+    many of its tokens the row's prompt shares. A decoder reuses at most all but the prompt's last
+    token: the prefill has to run that one to give the logits of the first new token."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     length: int
@@ -130,6 +131,11 @@ def prefill_after(model, prompts, past: Sequence[Past | None]):
     return out, positions, mask
 
 
+def _usable(past: Past | None, prompt_len: int) -> Past | None:
+    n = min(past.length, prompt_len - 1) if past is not None else 0
+    return Past(past.layers, n) if n > 0 else None
+
+
 class StepDecoder:
     """Rows ``(ids, image_features, audio_features)`` decoded in lockstep; ``past[i]`` (optional)
     is a KV prefix row i reuses."""
@@ -144,7 +150,7 @@ class StepDecoder:
         self.stop_ids = set(model.stop_ids)
         self.gens = [self._generator(p.seed) for p in self.params]
         self.pending: torch.Tensor | None = None  # (B,)
-        past = [p if p is not None and p.length > 0 else None for p in (past or [None] * len(prompts))]
+        past = [_usable(p, len(prompt[0])) for p, prompt in zip(past or [None] * len(prompts), prompts)]
         with torch.no_grad():
             if any(p is not None for p in past):
                 self._set(*prefill_after(model, prompts, past))

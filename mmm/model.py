@@ -196,7 +196,9 @@ class MMMModel(nn.Module):
         """(B, L) ids -> ``.logits`` (B, L, V); with ``labels``, ``.loss`` instead: the mean
         cross-entropy of the labelled next tokens, the head run only where a label exists (the one
         loss path of training and evaluation: answers are a few percent of a row's tokens, and the
-        head over the vocabulary is a large share of a small LM's work)."""
+        head over the vocabulary is a large share of a small LM's work). A batch with no labelled
+        token has loss 0 (a mean over nothing would be NaN, and one NaN step ruins the weights),
+        still joined to the graph so every rank's backward runs."""
         embeds = self.embed(input_ids, image_features, audio_features, position_ids)  # (B, L, D)
         positions = self.lm_positions(input_ids, position_ids, attention_mask)
         if labels is None:
@@ -206,6 +208,8 @@ class MMMModel(nn.Module):
         target = labels[:, 1:]  # (B, L-1): token t predicts t+1
         keep = target != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+        if not keep.any():
+            return SimpleNamespace(loss=logits.float().sum() * 0.0)
         return SimpleNamespace(loss=nn.functional.cross_entropy(logits.float(), target[keep]))
 
     def prefill(self, prompts):

@@ -81,19 +81,35 @@ class Scheduler:
         return taken
 
     async def _admit(self, decoder, rows: list[_Row]):
-        """Prepare and prefill the waiting requests that fit, and merge them into the batch."""
+        """Prepare and prefill the waiting requests that fit, and merge them into the batch. A failure
+        before the merge is theirs alone (their prefill runs apart from the batch's state), so the
+        running rows go on; a failed merge may have left the batch half-changed and fails it all."""
         waiting = self._take(self.max_rows - len(rows))
         if not waiting:
             return decoder, rows
         try:
-            return await self._join(decoder, rows, waiting)
+            fresh, new_rows = await self._prefill(waiting)
         except Exception as e:  # out of the queue and not yet rows: the loop's handler cannot reach them
+            log.exception("preparing or prefilling %d requests failed; they get the error, the %d running go on",
+                          len(waiting), len(rows))
             for w in waiting:
                 w.events.put_nowait(e)
+            return decoder, rows
+        if fresh is None:
+            return decoder, rows
+        if decoder is None:
+            return fresh, new_rows
+        try:
+            await self._call("merge", decoder.merge, fresh)
+        except Exception as e:
+            for r in new_rows:
+                r.events.put_nowait(e)
             raise
+        return decoder, rows + new_rows
 
-    async def _join(self, decoder, rows: list[_Row], waiting: list[_Waiting]):
-        """Prepare and prefill the requests; their first events; the batch with their rows."""
+    async def _prefill(self, waiting: list[_Waiting]):
+        """Prepare and prefill the requests; their first events; a decoder over their rows (None
+        when every one of them has already ended) and the rows."""
         requests = [w.request for w in waiting]
         # Media to decode and encode take a thread whatever the last prepare took: a 10-minute clip
         # after cached photos must not hold the loop (arrivals, cancellations, streamed events).
@@ -110,13 +126,10 @@ class Scheduler:
             if event is None or not event.final:
                 new_rows.append(_Row(job, w.events))
         if not new_rows:
-            return decoder, rows
+            return None, []
         fresh = await self._call("start", self.engine.start, [self.service.decoder_input(r.job) for r in new_rows],
                                  [r.job.req.params for r in new_rows])
-        if decoder is None:
-            return fresh, new_rows
-        await self._call("merge", decoder.merge, fresh)
-        return decoder, rows + new_rows
+        return fresh, new_rows
 
     async def _call(self, kind: str, fn, *args, may_inline: bool = True):
         """``fn(*args)``: on the loop when it may run there and the last call of this kind was short,

@@ -87,3 +87,21 @@ def test_a_llama_with_adapters_keeps_its_own_forward():
                     LoraConfig(r=4, target_modules=["down_proj"], trainable_token_indices=[3])):
         wrapped = get_peft_model(LlamaForCausalLM(cfg), adapter)
         assert decode_step_for(wrapped) is None and decode_step_for(wrapped.get_base_model()) is None
+
+
+def test_a_prefix_as_long_as_the_prompt_is_reused_up_to_its_last_token(tiny_model):
+    """A resent prompt whose whole KV is cached: the decoder reuses all but its last token (whose
+    logits the next token needs), alone or beside a longer row, and gets a full prefill's logits."""
+    from mmm.generation import Past
+
+    short, longer = _prompts(tiny_model)[0], _prompts(tiny_model)[3]
+    greedy = Sampling(temperature=0.0)
+    first = StepDecoder(tiny_model, [short], [greedy])
+    n = first.fed(0)
+    whole = Past(first.row_kv(0, n), n)
+    assert n == len(short[0])
+    alone = StepDecoder(tiny_model, [short], [greedy], past=[whole])
+    beside = StepDecoder(tiny_model, [short, longer], [greedy] * 2, past=[whole, None])
+    full = StepDecoder(tiny_model, [short, longer], [greedy] * 2)
+    torch.testing.assert_close(alone.logits[0], first.logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(beside.logits, full.logits, atol=1e-5, rtol=0)

@@ -29,6 +29,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 
+from mmm.chat import reserved_token
 from mmm.schema import AUDIO, IMAGE, LANGS, SPLITS
 
 FORMATS = ("llava", "sharegpt", "openai", "mmm")
@@ -91,11 +92,14 @@ def _role(turn: dict, i: int) -> str:
 
 
 def check_turns(messages: list[dict]) -> None:
-    """Optional system first, then user/assistant alternating from a user turn, no empty turn,
-    at least one assistant answer (the only tokens training learns from)."""
+    """Optional system first, then user/assistant alternating from a user turn, no empty turn, no
+    control token in the text, at least one assistant answer (the only tokens training learns from)."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for i, m in enumerate(messages):
         _check_unicode(m["content"], f"turn {i}")
+        token = reserved_token(m["content"])
+        if token is not None:
+            raise RecordError(f"turn {i} holds {token!r}, a control token of the chat format (a turn or media marker)")
         text = _SPAN.sub("", m["content"]).strip()
         if not text and not _SPAN.search(m["content"]):
             raise RecordError(f"turn {i} ({m['role']}) is empty")

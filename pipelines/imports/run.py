@@ -339,7 +339,8 @@ def reason_class(reason: str) -> str:
                        ("no_answer", "no assistant turn"), ("not_json", "not JSON"), ("remote_url", "remote URL"),
                        ("duplicate_id", "duplicate id"), ("modality", ", used as "), ("unknown_lang", "unknown lang"),
                        ("unknown_split", "unknown split"), ("not_unicode", "not valid Unicode"),
-                       ("unexpected_shape", "unexpected record shape"), ("wrong_type", " is not a")):
+                       ("unexpected_shape", "unexpected record shape"), ("wrong_type", " is not a"),
+                       ("reserved_token", "a control token")):
         if words in reason:
             return key
     return "other"
