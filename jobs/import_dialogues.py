@@ -34,12 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.cli import parse, print_summary
-from pipelines.imports.run import ImportConfig, run_import
+from pipelines.imports.run import ImportConfig, check_source, run_import
 from pipelines.runtime import init_ray
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(ImportConfig, argv, __doc__)
+    check_source(cfg)
     started = init_ray(cfg.ray)
     try:
         summary = run_import(cfg)

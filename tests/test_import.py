@@ -63,6 +63,10 @@ def files(tmp_path_factory) -> Path:
         {"id": "role", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "narrator", "value": "a"}]},
         {"id": "empty", "image": "img0.png", "conversations": _conv("<image>\nWhat?", "")},
         {"id": "corrupt", "image": "corrupt.png", "conversations": _conv("<image>\nWhat?", "x")},
+        {"id": "b", "image": "img1.png", "conversations": _conv("<image>\nWhat shape?", "circle")},  # LLaVA ids repeat
+        {"id": "a", "image": "img0.png", "conversations": _conv("<image>\nWhat colour are the shapes?", "red")},
+        {"id": "d", "image": "", "conversations": _conv("Hello again", "Hi")},  # mixed files write "" for no image
+        {"id": "v", "video": "v.mp4", "conversations": _conv("<video>\nWhat happens?", "x")},
     ]
     (root / "llava.json").write_text(json.dumps(llava, indent=1))
     audio = [
@@ -71,6 +75,7 @@ def files(tmp_path_factory) -> Path:
          "conversations": _conv("<image>\n<audio>\nBerapa banyak bip?", "3")},
         {"id": 3, "audio": "clip2.wav", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<audio>"}]},
         {"id": 4, "audio": "bad.wav", "conversations": _conv("<audio>\nHow many beeps?", "1")},
+        {"id": 5, "image": "clip0.wav", "conversations": _conv("<image>\nWhat?", "x")},  # fails; row 1's use stands
     ]
     lines = [json.dumps(r) for r in audio[:2]] + ["{not json"] + [json.dumps(r) for r in audio[2:]]
     (root / "llava_audio.jsonl").write_text("\n".join(lines) + "\n")
@@ -85,13 +90,14 @@ def files(tmp_path_factory) -> Path:
     (root / "sharegpt.jsonl").write_text("\n".join(json.dumps(r) for r in sharegpt) + "\n")
     png = base64.b64encode((media / "img3.png").read_bytes()).decode()
     wav = base64.b64encode((media / "clip2.wav").read_bytes()).decode()
+    wrapped = "\n".join(wav[i : i + 76] for i in range(0, len(wav), 76))  # as MIME tools write base64
     user = lambda parts: {"role": "user", "content": parts}  # noqa: E731
     text = lambda t: {"type": "text", "text": t}  # noqa: E731
     openai = [
-        {"messages": [user([text("Image 1: "), {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-                            text("\nAudio 1: "), {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+        {"messages": [user([text("Image 1: "), {"type": "image_url", "image_url": {"url": f"data:image/png;name=a.png;base64,{png}"}},
+                            text("\nAudio 1: "), {"type": "input_audio", "input_audio": {"data": wrapped, "format": "wav"}},
                             text("\nHow many beeps?")]), {"role": "assistant", "content": "3"}]},
-        {"messages": [user([{"type": "image_url", "image_url": {"url": "img1.png"}},
+        {"messages": [{"role": "developer", "content": "Be brief."}, user([{"type": "image_url", "image_url": {"url": "img1.png"}},
                             {"type": "input_audio", "input_audio": {"path": "clip0.wav"}}, text("Describe both.")]),
                       {"role": "assistant", "content": [text("two things")]}]},
         {"messages": [user([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, text("q")]),
@@ -108,8 +114,9 @@ def files(tmp_path_factory) -> Path:
 
 
 CASES = {  # file, format -> (dialogues, {reason: count})
-    "llava.json": ("llava", 3, {"missing_file": 1, "placeholder_count": 1, "unknown_role": 1, "empty_turn": 1, "corrupt_media": 1}),
-    "llava_audio.jsonl": ("llava", 2, {"not_json": 1, "turn_order": 1, "corrupt_media": 1}),
+    "llava.json": ("llava", 5, {"missing_file": 1, "placeholder_count": 1, "unknown_role": 1, "empty_turn": 1, "corrupt_media": 1,
+                                "duplicate_record": 1, "unsupported_modality": 1}),
+    "llava_audio.jsonl": ("llava", 2, {"not_json": 1, "turn_order": 1, "corrupt_media": 1, "modality": 1}),
     "sharegpt.jsonl": ("sharegpt", 2, {"placeholder_count": 1, "unknown_role": 1, "reserved_token": 1}),
     "openai.jsonl": ("openai", 2, {"remote_url": 1, "missing_file": 1, "no_answer": 1}),
     "own.jsonl": ("mmm", 1, {"span_count": 1}),
@@ -144,11 +151,25 @@ def test_every_format_imports_its_good_rows_and_names_each_bad_one(imported, fil
     assert two["messages"][0]["content"] == "Image 1: <image></image>\nImage 2: <image></image>\nSame colour?"
     assert by_id["llava_audio-2"]["kind"] == "image_audio" and by_id["llava_audio-2"]["lang"] == "ms"
     assert by_id["llava_audio-2"]["media_ids"] == [sha("img3.png"), sha("clip1.wav")]
-    inline = by_id["openai-0000001"]  # data: URL and base64 audio land in the media store, same hashes
+    inline = by_id["openai-row0000001"]  # data: URL and base64 audio land in the media store, same hashes
     assert inline["media_ids"] == [sha("img3.png"), sha("clip2.wav")]
-    assert by_id["sharegpt-0000001"]["messages"][0] == {"role": "system", "content": "You describe media."}
-    assert by_id["own-0000001"]["split"] == "eval" and by_id["llava-c"]["kind"] == "text"
+    assert by_id["sharegpt-row0000001"]["messages"][0] == {"role": "system", "content": "You describe media."}
+    assert by_id["own-row0000001"]["split"] == "eval" and by_id["llava-c"]["kind"] == "text"
+    assert by_id["llava-b#2"]["media_ids"] == [sha("img1.png")] and by_id["llava-d"]["kind"] == "text"
+    assert by_id["llava_audio-1"]["media_ids"] == [sha("clip0.wav")]
+    parts = by_id["openai-row0000002"]["messages"]  # parts joined as the server's renderer joins them
+    assert parts[0] == {"role": "system", "content": "Be brief."}
+    assert parts[1]["content"] == "<image></image>\n<audio></audio>\nDescribe both."
     check_columns(pq.read_table(out / "dialogues"), DIALOGUES, "imported dialogues")
+
+
+def test_a_missing_or_empty_source_is_refused_by_name(ray_local, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"source .*nope\.json does not exist"):
+        import_job.main([f"source={tmp_path / 'nope.json'}", "format=llava", f"out={tmp_path / 'out'}", *QUIET])
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl holds no records"):
+        import_job.main([f"source={tmp_path / 'empty.jsonl'}", "format=llava", f"out={tmp_path / 'out'}", *QUIET])
+    assert not (tmp_path / "out" / "dialogues").exists()
 
 
 def test_a_rerun_is_idempotent(imported, files):
@@ -224,7 +245,7 @@ def test_sources_whose_names_differ_after_a_dot_keep_their_own_outputs(relative,
     assert sorted(p.name for p in (out / "dialogues").iterdir() if p.suffix == ".parquet") == [
         "part-import-shard.part1.parquet", "part-import-shard.part2.parquet"]
     ids = sorted(d["dialogue_id"] for d in pq.read_table(out / "dialogues").to_pylist())
-    assert ids == ["shard.part1-a", "shard.part2-0000001"]
+    assert ids == ["shard.part1-a", "shard.part2-row0000001"]
     same_name = _jsonl(tmp_path / "shard.part1.json", [{"conversations": _conv("Hello", "Hi")}])
     with pytest.raises(ValueError, match="already holds the import 'shard.part1'.*name="):
         import_job.main([f"source={same_name}", "format=llava", f"out={out}", *QUIET])
@@ -288,7 +309,7 @@ def test_malformed_records_each_get_a_reason_and_the_good_rows_are_written(ray_l
                 assert reason in errors[f"{source.name}#row {row}"], (row, errors)
     by_id = {d["dialogue_id"]: d for d in pq.read_table(out / "dialogues").to_pylist()}
     assert by_id["own-sep"]["messages"][0]["content"] == "one\u2028two\x85three"
-    assert set(by_id) == {"own-sep", "chat-0000001"}
+    assert set(by_id) == {"own-sep", "chat-row0000001"}
 
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"messages": "café"}\n'.encode("latin-1"))

@@ -29,15 +29,18 @@ import base64
 import re
 from dataclasses import dataclass, field
 
-from mmm.chat import reserved_token
+from mmm.chat import content_to_text, reserved_token
 from mmm.schema import AUDIO, IMAGE, LANGS, SPLITS
 
 FORMATS = ("llava", "sharegpt", "openai", "mmm")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-         "model": "assistant", "system": "system"}
+         "model": "assistant", "system": "system", "developer": "system"}
+"""Each format's role names -> the chat template's; OpenAI's ``developer`` is its newer name for ``system``."""
 _PLACEHOLDER = re.compile(r"<(image|audio)>(?!</\1>)")
 _SPAN = re.compile(r"<(image|audio)></\1>")
-_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
+_DATA_URL = re.compile(r"^data:([\w/+.-]+)(?:;[\w.+-]+=[^;,]*)*;base64,(.*)$", re.S)
+"""``data:<mime>[;name=value...];base64,<data>``: the parameters (``name=``, ``charset=``) are skipped."""
+_UNSUPPORTED = re.compile(r"<(video)>")
 _EXTENSION = re.compile(r"[A-Za-z0-9-]{1,16}")
 """An inline item's format becomes its file's extension under <out>/media/: no dots or slashes."""
 
@@ -67,7 +70,7 @@ class Record:
 
 
 def _as_list(value) -> list:
-    if value is None:
+    if value is None or value == "":  # text-only rows of mixed files often carry "image": ""
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -124,6 +127,7 @@ def _check_unicode(text: str, what: str) -> None:
 
 
 def _placeholders(rec: dict, turns_keys, media_keys: dict) -> Record:
+    _refuse_video(rec)
     messages = []
     for i, turn in enumerate(_turns(rec, turns_keys)):
         content = turn.get("value", turn.get("content"))
@@ -137,6 +141,15 @@ def _placeholders(rec: dict, turns_keys, media_keys: dict) -> Record:
         messages.insert(0, {"role": "system", "content": system})
     paths = {m: [p for k in keys for p in _as_list(rec.get(k))] for m, keys in media_keys.items()}
     return _ordered(messages, paths, rec)
+
+
+def _refuse_video(rec: dict) -> None:
+    """Video is not a modality MMM reads: a record with one fails by name instead of importing as
+    text with a literal ``<video>`` in it."""
+    turns = rec.get("conversations") or rec.get("messages") or []
+    texts = [t.get("value", t.get("content")) for t in turns if isinstance(t, dict)]
+    if any(rec.get(k) for k in ("video", "videos")) or any(isinstance(t, str) and _UNSUPPORTED.search(t) for t in texts):
+        raise RecordError("video is not supported (MMM reads images and audio)")
 
 
 def _ordered(messages: list[dict], paths: dict[str, list], rec: dict) -> Record:
@@ -239,10 +252,12 @@ def _input_audio(spec, i: int, j: int) -> MediaRef:
         return _from_url(AUDIO, spec.get("path") or spec.get("url"), i, j)
     if not isinstance(data, str):
         raise RecordError(f"turn {i} part {j}: input_audio data is not a string (got {type(data).__name__})")
+    if data.startswith("data:"):
+        return _from_url(AUDIO, data, i, j)
     if not isinstance(fmt, str) or not _EXTENSION.fullmatch(fmt):
         raise RecordError(f"turn {i} part {j}: input_audio format {fmt!r} is not a file extension such as 'wav'")
     try:
-        return MediaRef(AUDIO, data=base64.b64decode(data, validate=True), ext=fmt)
+        return MediaRef(AUDIO, data=_b64(data), ext=fmt)
     except ValueError:
         raise RecordError(f"turn {i} part {j}: input_audio data is not base64") from None
 
@@ -253,13 +268,20 @@ def _from_url(modality: str, url, i: int, j: int) -> MediaRef:
     found = _DATA_URL.match(url)
     if found:
         try:
-            return MediaRef(modality, data=base64.b64decode(found.group(2), validate=True), ext=found.group(1).split("/")[-1])
+            return MediaRef(modality, data=_b64(found.group(2)), ext=found.group(1).split("/")[-1].split("+")[0])
         except ValueError:
             raise RecordError(f"turn {i} part {j}: data URL is not base64") from None
+    if url.startswith("data:"):
+        raise RecordError(f"turn {i} part {j}: data URL {url[:40]!r}... is not data:<type>[;name=value];base64,<data>")
     if url.startswith(("http://", "https://")):
         raise RecordError(f"turn {i} part {j}: remote URL {url!r} (download it and give a path or data: URL)")
     _check_unicode(url, f"turn {i} part {j}: {modality} path")
     return MediaRef(modality, path=url[len("file://") :] if url.startswith("file://") else url)
+
+
+def _b64(text: str) -> bytes:
+    """Base64 as files and tools write it, line breaks included (MIME wraps at 76 characters)."""
+    return base64.b64decode(re.sub(r"\s+", "", text), validate=True)
 
 
 def openai(rec: dict) -> Record:
@@ -268,7 +290,8 @@ def openai(rec: dict) -> Record:
         role, content = _role(turn, i), turn.get("content")
         if isinstance(content, list):
             pieces = [_openai_part(p, i, j) for j, p in enumerate(content)]
-            content = "".join(t for t, _ in pieces)
+            # joined as the renderer joins a client's parts, so training sees what serving will
+            content = content_to_text([{"type": "text", "text": t} if m is None else {"type": m.modality} for t, m in pieces])
             media += [m for _, m in pieces if m is not None]
         if not isinstance(content, str):
             raise RecordError(f"turn {i}: content is neither a string nor a list of parts")

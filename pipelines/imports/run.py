@@ -101,11 +101,17 @@ def absolute(uri: str) -> str:
     return uri if is_remote(uri) else os.path.abspath(local_path(uri))
 
 
+def check_source(cfg: ImportConfig) -> None:
+    """Before Ray starts: a source that is not there is a one-line error, not a traceback 20 s later."""
+    fs, path = cfg.storage.filesystem(cfg.source)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"source {cfg.source} does not exist (or is a folder): give a JSON or JSONL file")
+
+
 def read_text(cfg: ImportConfig) -> str:
     """The source as text: UTF-8, a byte-order mark (as some editors write) dropped."""
+    check_source(cfg)
     fs, path = cfg.storage.filesystem(cfg.source)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"source {cfg.source} does not exist")
     with fs.open(path, "rb") as f:
         data = f.read()
     try:
@@ -242,7 +248,17 @@ def parse_all(cfg: ImportConfig, records: list[tuple[int, str]]) -> list[dict]:
     return sorted(ds.take_all(), key=lambda r: r["row"])
 
 
-def check_media(cfg: ImportConfig, refs: dict[str, str]) -> dict[str, dict]:
+def modality_hints(parsed: list[dict]) -> dict[str, str | None]:
+    """uri -> the modality every record uses it as; None where records disagree, so the file's own
+    extension or bytes decide and only the records that misuse it fail (not every record naming it)."""
+    uses: dict[str, set[str]] = {}
+    for p in parsed:
+        for m in json.loads(p["record"])["media"] if p["record"] else []:
+            uses.setdefault(m["uri"], set()).add(m["modality"])
+    return {uri: next(iter(kinds)) if len(kinds) == 1 else None for uri, kinds in uses.items()}
+
+
+def check_media(cfg: ImportConfig, refs: dict[str, str | None]) -> dict[str, dict]:
     """uri -> ingest's result (media_id, modality, error, stage) for every referenced item."""
     import ray
 
@@ -269,26 +285,52 @@ def media_root(cfg: ImportConfig) -> str:
 
 def assemble(cfg: ImportConfig, name: str, parsed: list[dict], media: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """DIALOGUES rows for the records whose media all read and decode; an error row for the rest."""
-    dialogues, errors, seen = [], [], set()
+    dialogues, errors, ids = [], [], DialogueIds(name)
     for p in parsed:
         if p["error"]:
             errors.append({"row": p["row"], "stage": "parse", "reason": p["error"]})
             continue
         rec = json.loads(p["record"])
-        did = f"{name}-{rec['id']}" if rec["id"] is not None else f"{name}-{p['row']:07d}"
         bad = _media_problem(rec["media"], media)
-        if did in seen:
-            bad = ("parse", f"duplicate id {rec['id']!r}")
+        media_ids = [] if bad else [media[m["uri"]]["media_id"] for m in rec["media"]]
+        did = None if bad else ids.assign(rec["id"], p["row"], rec["messages"], media_ids)
+        if did is None and not bad:
+            bad = ("parse", f"duplicate record: the same turns and media as row {ids.first_row(rec['messages'], media_ids)}")
         if bad:
             errors.append({"row": p["row"], "stage": bad[0], "reason": bad[1]})
             continue
-        seen.add(did)
         dialogues.append({
             "dialogue_id": did, "kind": rec["kind"] or kind_of([m["modality"] for m in rec["media"]]),
-            "lang": rec["lang"] or cfg.lang, "media_ids": [media[m["uri"]]["media_id"] for m in rec["media"]],
+            "lang": rec["lang"] or cfg.lang, "media_ids": media_ids,
             "messages": rec["messages"], "split": rec["split"] or cfg.split, "source": f"import:{cfg.format}:{name}",
         })
     return dialogues, errors
+
+
+class DialogueIds:
+    """Dialogue ids of one import, stable across reruns of the same file: ``NAME-ID`` from a record's
+    id, ``NAME-ID#2``, ``#3``... for later records with the same id (LLaVA's ids are image ids, and
+    one image has several conversations), ``NAME-row0000007`` for a record without one. A record
+    with the same turns and media as an earlier one is a duplicate: None."""
+
+    def __init__(self, name: str):
+        self.name, self.used, self.content = name, set(), {}
+
+    def assign(self, record_id: str | None, row: int, messages: list[dict], media_ids: list[str]) -> str | None:
+        key = json.dumps([messages, media_ids], sort_keys=True)
+        if key in self.content:
+            return None
+        self.content[key] = row
+        base = f"{self.name}-{record_id}" if record_id is not None else f"{self.name}-row{row:07d}"
+        did, n = base, 1
+        while did in self.used:
+            n += 1
+            did = f"{base}#{n}"
+        self.used.add(did)
+        return did
+
+    def first_row(self, messages: list[dict], media_ids: list[str]) -> int:
+        return self.content[json.dumps([messages, media_ids], sort_keys=True)]
 
 
 def _media_problem(refs: list[dict], media: dict[str, dict]) -> tuple[str, str] | None:
@@ -333,14 +375,16 @@ def merged_manifest(old: pa.Table | None, name: str, items: dict[str, str]) -> p
 
 def reason_class(reason: str) -> str:
     """A short name for counting errors by reason."""
-    for key, words in (("missing_file", "missing or unreadable"), ("corrupt_media", "corrupt media"),
+    for key, words in (("duplicate_record", "duplicate record"), ("missing_file", "missing or unreadable"), ("corrupt_media", "corrupt media"),
                        ("placeholder_count", "placeholders but"), ("span_count", "spans"),
                        ("unknown_role", "unknown role"), ("empty_turn", "is empty"), ("turn_order", "turn order"),
                        ("no_answer", "no assistant turn"), ("not_json", "not JSON"), ("remote_url", "remote URL"),
-                       ("duplicate_id", "duplicate id"), ("modality", ", used as "), ("unknown_lang", "unknown lang"),
+                       ("modality", ", used as "), ("unknown_lang", "unknown lang"),
                        ("unknown_split", "unknown split"), ("not_unicode", "not valid Unicode"),
                        ("unexpected_shape", "unexpected record shape"), ("wrong_type", " is not a"),
-                       ("reserved_token", "a control token")):
+                       ("reserved_token", "a control token"), ("bad_data_url", "data URL"), ("bad_base64", "not base64"),
+                       ("unknown_part", "unknown part type"), ("wrong_type", "content is neither"),
+                       ("unsupported_modality", "not supported")):
         if words in reason:
             return key
     return "other"
@@ -351,13 +395,11 @@ def run_import(cfg: ImportConfig) -> dict:
     name = import_name(cfg)
     check_name_is_ours(cfg, name)
     records, unreadable = read_records(cfg)
+    if not records and not unreadable:
+        raise ValueError(f"source {cfg.source} holds no records (an empty file, an empty array or blank lines)")
     parsed = parse_all(cfg, records) + [{"row": e["row"], "record": None, "error": e["reason"]} for e in unreadable]
     parsed.sort(key=lambda p: p["row"])
-    refs = {}
-    for p in parsed:
-        for m in json.loads(p["record"])["media"] if p["record"] else []:
-            refs.setdefault(m["uri"], m["modality"])
-    media = check_media(cfg, refs)
+    media = check_media(cfg, modality_hints(parsed))
     dialogues, errors = assemble(cfg, name, parsed, media)
     write_outputs(cfg, name, dialogues, errors, media)
     good = {m for d in dialogues for m in d["media_ids"]}
