@@ -10,12 +10,14 @@ in place of the caption). Follow-up turns continue the same chat. Two stages:
   vLLM when importable on a GPU, else transformers' ``generate``, turn by turn over the batch.
 
 Splits are by media: an item is eval when its sha256 falls in the first ``eval_fraction`` of
-the hash space, and a dialogue only uses items of its own split.
+the hash space, and a dialogue only uses items of its own split. A split asked for dialogues whose
+media hold no captioned or transcribed item is an error before any LM work, never a silent gap.
 
-Every reply is checked (:mod:`.checks`: no answer, broken turn order, a media reference the
-dialogue does not have, the wrong language); a dialogue with a malformed reply is not written but
-goes to ``<out>/synth_errors/`` (dialogue_id, kind, lang, turn, reason, reply), and the job prints
-the counts by reason. The prompt goes through the model's own chat template.
+Every reply is checked as the LM wrote it (:mod:`.checks`: no answer, broken turn order, a media
+reference the dialogue does not have, an echo of the prompt or question, the wrong language); a
+dialogue with a malformed reply is not written but goes to ``<out>/synth_errors/`` (dialogue_id,
+kind, lang, turn, reason, reply), and the job prints the counts by reason. The prompt goes
+through the model's own chat template.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mmm.schema import AUDIO, DIALOGUES, IMAGE, KINDS, LANGS
 
 from ..runtime import PoolConfig, require, set_torch_threads
 from ..storage import StorageConfig, join, write_parquet_atomic
-from .checks import check_reply
+from .checks import ANSWER_IN, check_reply
 from .offline import num_eval
 
 SOURCE = "llm"
@@ -47,7 +49,6 @@ FOLLOW_UPS = (
     ("Summarise that in one sentence.", "Ringkaskan dalam satu ayat."),
     ("Tell me more about {ref}.", "Ceritakan lebih lanjut tentang {ref}."),
 )
-ANSWER_IN = {"en": "Answer in English.", "ms": "Jawab dalam bahasa Melayu."}
 _MEDIA_TAG = re.compile(r"</?(image|audio)>")
 ERRORS_DIR = "synth_errors"
 REJECTED = pa.schema([("dialogue_id", pa.string()), ("kind", pa.string()), ("lang", pa.string()), ("turn", pa.int32()),
@@ -76,6 +77,20 @@ def _feasible(kind: str, pool: dict) -> bool:
     return len(pool[IMAGE]) >= n_img and len(pool[AUDIO]) >= n_aud
 
 
+def check_plannable(pools: dict, num_dialogues: int, eval_fraction: float) -> None:
+    """Raise when a split is asked for dialogues but its pool fits no kind. Every kind needs an
+    image or a clip, so that is an empty pool: each of the split's dialogues would be lost."""
+    n_eval = num_eval(num_dialogues, eval_fraction)
+    for split, n in (("train", num_dialogues - n_eval), ("eval", n_eval)):
+        if n and not any(_feasible(k, pools[split]) for k in KINDS):
+            other = sum(len(v) for s, by_m in pools.items() if s != split for v in by_m.values())
+            raise ValueError(
+                f"{n} {split} dialogues are asked for, but no image or audio item with a caption or transcript "
+                f"falls in the {split} split (media are split by their hash at dialogues.eval_fraction="
+                f"{eval_fraction}; {other} fall in the other split): add captioned media or change "
+                f"dialogues.eval_fraction (with 0, or under 20 dialogues, there is no eval split)")
+
+
 def _join_refs(refs: list[str], lang: str) -> str:
     return ", ".join(refs[:-1]) + (" dan " if lang == "ms" else " and ") + refs[-1]
 
@@ -91,15 +106,16 @@ class PlanLLMDialogues:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require(batch, self.NEEDS, type(self).__name__)
-        return pa.Table.from_pylist([p for i in batch["index"].to_pylist() if (p := self.plan(i))])
+        return pa.Table.from_pylist([self.plan(i) for i in batch["index"].to_pylist()])
 
-    def plan(self, index: int) -> dict | None:
+    def plan(self, index: int) -> dict:
         rng = random.Random(f"{self.seed}:llm:{index}")
         split = "eval" if index < self.n_eval else "train"
         pool = self.pools[split]
         kinds = [k for k in KINDS[index % 5 :] + KINDS[: index % 5] if _feasible(k, pool)]
         if not kinds:
-            return None
+            raise ValueError(f"dialogue {index}: the {split} media pool has no image or audio item; "
+                             "check_plannable refuses such pools before planning")
         kind, lang = kinds[0], LANGS[(index // 5) % 2]
         if kind in ("multi_image", "multi_audio"):
             m = IMAGE if kind == "multi_image" else AUDIO
@@ -147,6 +163,7 @@ class GenerateReplies:
         require(batch, self.NEEDS, type(self).__name__)
         plans = batch.to_pylist()
         chats: list[list[dict]] = [[] for _ in plans]
+        replies_as_written: list[list[str]] = [[] for _ in plans]
         for turn in range(max((len(p["prompts"]) for p in plans), default=0)):
             active = [i for i, p in enumerate(plans) if turn < len(p["prompts"])]
             for i in active:
@@ -154,10 +171,13 @@ class GenerateReplies:
             seed = zlib.crc32(f"{plans[active[0]]['dialogue_id']}:{turn}".encode())  # str hash() varies per process
             replies = self.backend.generate([chats[i] for i in active], seed=seed, **self.sampling)
             for i, reply in zip(active, replies):
+                replies_as_written[i].append(reply.strip())
+                # Checks see the reply as written; the chat drops media tags, which the next prompt's
+                # tokenizer may read as media tokens and which, with checks off, a stored turn must not hold.
                 chats[i].append({"role": "assistant", "content": _MEDIA_TAG.sub("", reply).strip()})
         rows, rejected = [], []
-        for p, chat in zip(plans, chats):
-            bad = self._malformed(p, chat)
+        for p, chat, written in zip(plans, chats, replies_as_written):
+            bad = self._malformed(p, written)
             if bad:
                 rejected.append(bad)
                 continue
@@ -171,16 +191,16 @@ class GenerateReplies:
             write_parquet_atomic(fs, pa.Table.from_pylist(rejected, schema=REJECTED), join(folder, f"part-{rejected[0]['dialogue_id']}.parquet"))
         return pa.Table.from_pylist(rows, schema=DIALOGUES)
 
-    def _malformed(self, plan: dict, chat: list[dict]) -> dict | None:
-        """The first malformed reply of a dialogue as a REJECTED row, or None."""
+    def _malformed(self, plan: dict, replies: list[str]) -> dict | None:
+        """The first malformed reply of a dialogue (as the LM wrote it) as a REJECTED row, or None."""
         if not self.check:
             return None
         items = {m: sum(1 for q in plan["questions"] for _ in re.finditer(f"<{m}></{m}>", q)) for m in (IMAGE, AUDIO)}
-        for turn, reply in enumerate(chat[1::2]):
-            reason = check_reply(reply["content"], plan["lang"], items)
+        for turn, (reply, question) in enumerate(zip(replies, plan["questions"])):
+            reason = check_reply(reply, plan["lang"], items, question)
             if reason:
                 return {"dialogue_id": plan["dialogue_id"], "kind": plan["kind"], "lang": plan["lang"], "turn": turn,
-                        "reason": reason, "reply": reply["content"]}
+                        "reason": reason, "reply": reply}
         return None
 
 
@@ -197,7 +217,9 @@ class LLMGenerator:
         media = read_parquet(fs, path)
         if media is None:
             raise FileNotFoundError(f"no media table at {media_uri}: run jobs/features.py first")
-        self.pools = pools_from_media(media, self.cfg.dialogues.eval_fraction)
+        d = self.cfg.dialogues
+        self.pools = pools_from_media(media, d.eval_fraction)
+        check_plannable(self.pools, d.num_dialogues, d.eval_fraction)
         sizes = {f"{m}/{s}": len(v) for s, by_m in self.pools.items() for m, v in by_m.items()}
         return {"media": sizes, "model": self.cfg.llm.model}
 
