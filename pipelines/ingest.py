@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from mmm import pixels
 from mmm.config import SAMPLE_RATE, ModelConfig
 from mmm.media import MiB, MediaError, MediaLimits, decode_audio, decode_image, media_id, sniff_modality
-from mmm.schema import AUDIO, ERRORS, IMAGE, MEDIA
+from mmm.schema import AUDIO, ERRORS, IMAGE, LANGS, MEDIA
 
 from .runtime import require
 from .storage import StorageConfig, is_remote, join, list_files, local_path, uri_of
@@ -76,9 +76,41 @@ def read_source(source: str, storage: StorageConfig) -> pa.Table:
     for name in ("modality",) + TEXT_COLUMNS:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(len(table), pa.string()))
-    return table.select(["uri", "modality", *TEXT_COLUMNS]).cast(
+    table = table.select(["uri", "modality", *TEXT_COLUMNS]).cast(
         pa.schema([(n, pa.string()) for n in ("uri", "modality", *TEXT_COLUMNS)])
     )
+    return table.set_column(table.column_names.index("lang"), "lang", pa.array(languages(table["lang"].to_pylist(), source), pa.string()))
+
+
+LANG_ALIASES = {"eng": "en", "english": "en", "msa": "ms", "may": "ms", "zsm": "ms", "malay": "ms", "melayu": "ms"}
+"""ISO 639-2/3 codes and names of the two languages, as other datasets write them."""
+
+
+def lang_code(value: str) -> str:
+    """A language tag as MMM's code where it names English or Malay ("ms-MY", "EN_us", "zsm"), else
+    its lower-cased primary subtag."""
+    primary = re.split(r"[-_]", value.strip().lower())[0]
+    return LANG_ALIASES.get(primary, primary)
+
+
+def languages(values: list[str | None], source: str) -> list[str | None]:
+    """A manifest's ``lang`` values as MMM's codes: BCP 47 tags by their primary subtag, any case
+    ("ms-MY", "EN_us" -> "ms", "en"), and the aliases above. Another language stops the job before
+    any work, naming it: its captions would otherwise train under English prompts."""
+    out, unknown = [], {}
+    for i, value in enumerate(values):
+        if value is None or not value.strip():
+            out.append(None)
+            continue
+        code = lang_code(value)
+        if code not in LANGS:
+            unknown.setdefault(value, i)
+        out.append(code)
+    if unknown:
+        named = ", ".join(f"{v!r} (row {i + 1})" for v, i in list(unknown.items())[:5])
+        raise ValueError(f"{source}: lang {named} is not one of {list(LANGS)} (BCP 47 tags such as ms-MY are read "
+                         "by their language); drop those rows or give them one of these")
+    return out
 
 
 NO_URI = "no-uri:"

@@ -71,7 +71,7 @@ def files(tmp_path_factory) -> Path:
     (root / "llava.json").write_text(json.dumps(llava, indent=1))
     audio = [
         {"id": 1, "audio": "clip0.wav", "conversations": _conv("<audio>\nHow many beeps?", "2")},
-        {"id": 2, "image": "img3.png", "audio": ["clip1.wav"], "lang": "ms",
+        {"id": 2, "image": "img3.png", "audio": ["clip1.wav"], "lang": "ms-MY",
          "conversations": _conv("<image>\n<audio>\nBerapa banyak bip?", "3")},
         {"id": 3, "audio": "clip2.wav", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<audio>"}]},
         {"id": 4, "audio": "bad.wav", "conversations": _conv("<audio>\nHow many beeps?", "1")},
@@ -184,15 +184,18 @@ def test_a_rerun_is_idempotent(imported, files):
 
 def test_features_then_finetune_on_the_imported_dialogues(imported, tmp_path, tiny_model):
     out = imported["out"]
+    init = tmp_path / "stage1"
+    tiny_model.save_pretrained(str(init), phase="stage1")  # any stage-1 export; stage 1 needs captions
+    args = ["--data", str(out), f"model.init={init}", f"run.output_dir={tmp_path / 'stage2'}",
+            f"run.storage_path={tmp_path / 'ray'}", "run.name=imported", "train.max_steps=3",
+            "train.checkpoint_every=3", "train.micro_batch_size=1", "train.warmup_steps=1",
+            "data.shuffle_buffer=8", "run.progress=false", "run.max_failures=0"]
+    with pytest.raises(ValueError, match=r"media items of the finetune rows have no features .*run jobs/features\.py"):
+        finetune_job.main(args)  # before features: refused on the driver, not in a worker
     summary = features_job.main([f"source={out}/import_manifest.parquet", f"out={out}", "encode.concurrency=1", *QUIET])
     # 8 files; the inline copy of img3.png (a data: URL) has its hash, so 7 are encoded
     assert summary["errors"] == 0 and summary["items"] == 8 and sum(summary["encoded"].values()) == 7
-    init = tmp_path / "stage1"
-    tiny_model.save_pretrained(str(init), phase="stage1")  # any stage-1 export; stage 1 needs captions
-    result = finetune_job.main(["--data", str(out), f"model.init={init}", f"run.output_dir={tmp_path / 'stage2'}",
-                                f"run.storage_path={tmp_path / 'ray'}", "run.name=imported", "train.max_steps=3",
-                                "train.checkpoint_every=3", "train.micro_batch_size=1", "train.warmup_steps=1",
-                                "data.shuffle_buffer=8", "run.progress=false", "run.max_failures=0"])
+    result = finetune_job.main(args)
     assert (tmp_path / "stage2" / "final" / "mmm.json").exists()
     assert result["stage"] == "finetune" and result["steps"] == 3 and result["loss"] > 0
 
@@ -330,3 +333,14 @@ def test_a_json_array_manifest_reads_like_json_lines(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"bad\.json is not a JSON array of objects or JSON Lines"):
         read_source(str(tmp_path / "bad.json"), StorageConfig())
+
+
+def test_manifest_languages_read_as_tags_and_another_language_is_refused(tmp_path):
+    rows = [{"uri": "a.wav", "transcript": "apa khabar", "lang": "ms-MY"}, {"uri": "b.png", "caption": "merah", "lang": "MS"},
+            {"uri": "c.png", "caption": "red", "lang": "en_US"}, {"uri": "d.png", "caption": "biru", "lang": "zsm"},
+            {"uri": "e.png", "caption": "blue"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_source(str(tmp_path / "m.jsonl"), StorageConfig())["lang"].to_pylist() == ["ms", "ms", "en", "ms", None]
+    (tmp_path / "fr.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows, {"uri": "f.png", "caption": "rouge", "lang": "fr-FR"}]))
+    with pytest.raises(ValueError, match=r"lang 'fr-FR' \(row 6\) is not one of \['en', 'ms'\]"):
+        read_source(str(tmp_path / "fr.jsonl"), StorageConfig())

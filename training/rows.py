@@ -184,6 +184,22 @@ def load_index(features_uri: str, encoders: Iterable[str], media_ids: Iterable[s
     return FeatureIndex(tensors, modality)
 
 
+def check_features(cfg: TrainConfig) -> None:
+    """On the driver, before any worker starts: every training item has features in the store
+    (for some encoder; the workers check theirs). Imported dialogues, for one, need jobs/features.py
+    run on their manifest first, and without this a worker would fail on the first such item."""
+    from pipelines.store import FeatureStore
+
+    if not cfg.data.features:
+        raise ValueError("set data.features=ROOT/features (jobs/features.py writes it)")
+    stored = set(FeatureStore(cfg.data.features, _storage(cfg)).index()["media_id"].to_pylist())
+    missing = train_media_ids(cfg) - stored
+    if missing:
+        raise ValueError(f"{len(missing)} media items of the {cfg.stage} rows have no features in {cfg.data.features} "
+                         f"(e.g. {sorted(missing)[0]}): run jobs/features.py on their media first (for imported "
+                         "dialogues: source=<out>/import_manifest.parquet)")
+
+
 def train_media_ids(cfg: TrainConfig) -> set[str]:
     return {m for ids in train_rows(cfg)["media_ids"].to_pylist() for m in ids}
 

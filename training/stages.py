@@ -208,6 +208,7 @@ def run(cfg: TrainConfig, resume: bool = False, train_hooks: TrainHooks | None =
         init = init or InitCheckpoint.read(cfg.model.init, cfg.run.s3_endpoint)
         init.check_stage2()
     check_context(cfg, init.max_context if init else model_config(cfg).llm.max_context)
+    rows.check_features(cfg)
     started = init_ray(RayConfig(progress=False))
     t0 = time.time()
     try:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from mmm.chat import content_to_text, reserved_token
 from mmm.schema import AUDIO, IMAGE, LANGS, SPLITS
 
+from ..ingest import lang_code
+
 FORMATS = ("llava", "sharegpt", "openai", "mmm")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system", "developer": "system"}
@@ -173,7 +175,7 @@ def _ordered(messages: list[dict], paths: dict[str, list], rec: dict) -> Record:
 
 def _record(messages: list[dict], media: list[MediaRef], rec: dict) -> Record:
     check_turns(messages)
-    return Record(messages, media, id=_id(rec.get("id")), lang=_one_of("lang", rec.get("lang"), LANGS),
+    return Record(messages, media, id=_id(rec.get("id")), lang=_one_of("lang", _lang(rec.get("lang")), LANGS),
                   split=_one_of("split", rec.get("split"), SPLITS), kind=_kind(rec.get("kind")))
 
 
@@ -185,6 +187,11 @@ def _id(value) -> str | None:
         raise RecordError(f"id {value!r} is not a string or integer")
     _check_unicode(str(value), "id")
     return str(value)
+
+
+def _lang(value):
+    """BCP 47 tags and other names of the two languages ("ms-MY", "EN") as MMM's codes."""
+    return lang_code(value) if isinstance(value, str) and value.strip() else value
 
 
 def _one_of(name: str, value, allowed: tuple[str, ...]) -> str | None:
