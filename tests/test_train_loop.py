@@ -227,6 +227,19 @@ def test_resume_continues_from_saved_step(ray_local, s3, work, first_run):
     assert "checkpoint_00000008" in storage.listdir(f"s3://mmm-test/{work.name}/loop", s3)
 
 
+def test_workers_get_settings_but_no_credentials(monkeypatch, tmp_path):
+    """A runtime env is stored and shown by Ray: secrets stay out of it (the workers above still
+    reached S3, through the environment their local Ray inherited)."""
+    from training.loop import worker_env
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
+                 "AWS_DEFAULT_REGION": "us-east-1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+    env = worker_env(load_config("finetune", overrides=["resources.use_gpu=false"]))
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    assert env["AWS_DEFAULT_REGION"] == "us-east-1" and env["DS_ACCELERATOR"] == "cpu" and env["TOKENIZERS_PARALLELISM"] == "false"
+
+
 def test_upload_dir_to_s3(s3, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.bin").write_bytes(b"abc")

@@ -49,7 +49,11 @@ from training.config import TrainConfig
 Batch = dict[str, Any]
 CHECKPOINT_TAG = "step_{:08d}"
 FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+"""The driver's settings the workers need. No credential is among them: a runtime env is stored by
+Ray and shown in its dashboard and job records. Workers take credentials from where their node has
+them: the environment a local Ray inherits from the process that started it, or on a cluster the
+nodes' own environment, instance role or service account (cluster/kuberay/serviceaccount.yaml)."""
 
 
 def default_count_tokens(batch: Batch) -> int:
@@ -91,9 +95,6 @@ def fit(cfg: TrainConfig, hooks: TrainHooks, datasets: dict[str, Any], resume: b
 
     cfg = _resolved(cfg, resume)
     fs, path = _storage(cfg)
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    if not cfg.resources.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "hooks": hooks},
@@ -104,11 +105,19 @@ def fit(cfg: TrainConfig, hooks: TrainHooks, datasets: dict[str, Any], resume: b
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": env}),
+            worker_runtime_env={"env_vars": worker_env(cfg)}),
         datasets=datasets,
         dataset_config=_data_config(cfg),
     )
     return trainer.fit()
+
+
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    """The environment variables handed to the training workers (``FORWARDED_ENV``)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if not cfg.resources.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def _data_config(cfg: TrainConfig):
