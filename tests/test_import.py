@@ -73,9 +73,11 @@ def files(tmp_path_factory) -> Path:
         {"id": 1, "audio": "clip0.wav", "conversations": _conv("<audio>\nHow many beeps?", "2")},
         {"id": 2, "image": "img3.png", "audio": ["clip1.wav"], "lang": "ms-MY",
          "conversations": _conv("<image>\n<audio>\nBerapa banyak bip?", "3")},
-        {"id": 3, "audio": "clip2.wav", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<audio>"}]},
+        {"id": 3, "audio": "clip2.wav", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<audio>"},
+                                                         {"from": "human", "value": "q"}]},  # opening gpt turn dropped, as LLaVA does
         {"id": 4, "audio": "bad.wav", "conversations": _conv("<audio>\nHow many beeps?", "1")},
         {"id": 5, "image": "clip0.wav", "conversations": _conv("<image>\nWhat?", "x")},  # fails; row 1's use stands
+        {"id": 6, "audio": "clip1.wav", "conversations": [{"from": "gpt", "value": "Hello!"}, *_conv("<audio>\nHow many beeps?", "1")]},
     ]
     lines = [json.dumps(r) for r in audio[:2]] + ["{not json"] + [json.dumps(r) for r in audio[2:]]
     (root / "llava_audio.jsonl").write_text("\n".join(lines) + "\n")
@@ -116,7 +118,7 @@ def files(tmp_path_factory) -> Path:
 CASES = {  # file, format -> (dialogues, {reason: count})
     "llava.json": ("llava", 5, {"missing_file": 1, "placeholder_count": 1, "unknown_role": 1, "empty_turn": 1, "corrupt_media": 1,
                                 "duplicate_record": 1, "unsupported_modality": 1}),
-    "llava_audio.jsonl": ("llava", 2, {"not_json": 1, "turn_order": 1, "corrupt_media": 1, "modality": 1}),
+    "llava_audio.jsonl": ("llava", 3, {"not_json": 1, "turn_order": 1, "corrupt_media": 1, "modality": 1}),
     "sharegpt.jsonl": ("sharegpt", 2, {"placeholder_count": 1, "unknown_role": 1, "reserved_token": 1}),
     "openai.jsonl": ("openai", 2, {"remote_url": 1, "missing_file": 1, "no_answer": 1}),
     "own.jsonl": ("mmm", 1, {"span_count": 1}),
@@ -157,6 +159,7 @@ def test_every_format_imports_its_good_rows_and_names_each_bad_one(imported, fil
     assert by_id["own-row0000001"]["split"] == "eval" and by_id["llava-c"]["kind"] == "text"
     assert by_id["llava-b#2"]["media_ids"] == [sha("img1.png")] and by_id["llava-d"]["kind"] == "text"
     assert by_id["llava_audio-1"]["media_ids"] == [sha("clip0.wav")]
+    assert [m["role"] for m in by_id["llava_audio-6"]["messages"]] == ["user", "assistant"]
     parts = by_id["openai-row0000002"]["messages"]  # parts joined as the server's renderer joins them
     assert parts[0] == {"role": "system", "content": "Be brief."}
     assert parts[1]["content"] == "<image></image>\n<audio></audio>\nDescribe both."

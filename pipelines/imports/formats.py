@@ -139,6 +139,8 @@ def _placeholders(rec: dict, turns_keys, media_keys: dict) -> Record:
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
         raise RecordError(f"system is not a string (got {type(system).__name__})")
+    if messages and messages[0]["role"] == "assistant":  # LLaVA's own preprocessing drops such an opening turn
+        messages = messages[1:]
     if system and system.strip():
         messages.insert(0, {"role": "system", "content": system})
     paths = {m: [p for k in keys for p in _as_list(rec.get(k))] for m, keys in media_keys.items()}
