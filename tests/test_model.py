@@ -1,6 +1,7 @@
 """The core model: splice parity with Llava, rendering, token counts, freezing, round trips."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -224,6 +225,9 @@ def test_save_load_round_trip(tiny_model, tmp_path):
     assert loaded.encode_media(IMAGE, [image()])[0].equal(imgs[0])
     for model in (m, loaded):  # the tiny preset ties its LM's input and output embeddings
         assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in tmp_path.rglob("*.safetensors"))  # not safetensors' 0600
     with pytest.raises(CheckpointError, match="phase 'stage1'.*needs one of \\('stage2',\\)"):
         MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2")
 

@@ -343,6 +343,18 @@ def test_stage2_replays_stage1_pairs_among_its_dialogues(stage1, work):
         rows_mod.train_rows(replace(cfg, data=replace(cfg.data, media=str(empty))))
 
 
+def test_stage1_pins_local_checkpoints_as_absolute_paths_for_the_workers(tmp_path, monkeypatch):
+    """Workers run elsewhere: a relative ``pretrained`` folder becomes absolute; a hub name stays."""
+    from training.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt" / "lm").mkdir(parents=True)
+    cfg = load_config("pretrain", overrides=["model.preset=small-real",
+                                            "model.overrides={llm: {pretrained: ckpt/lm}, audio: {pretrained: org/whisper}}"])
+    pinned = stages.absolute_paths(cfg).model.overrides
+    assert pinned == {"llm": {"pretrained": str(tmp_path / "ckpt" / "lm")}, "audio": {"pretrained": "org/whisper"}}
+
+
 def test_normalize_and_config_layers(tmp_path):
     assert evaluate_job.normalize("  Image 2. ") == evaluate_job.normalize("image 2") == "image 2"
     assert evaluate_job.normalize("Ya!") == "ya"

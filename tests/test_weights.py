@@ -8,6 +8,7 @@ weights skip, saying why, only when pip cannot reach the package registry.
 import dataclasses
 import json
 import os
+import socket
 import struct
 import time
 from pathlib import Path
@@ -240,6 +241,35 @@ def _fake_weights(tmp_path, monkeypatch, convert):
     return downloads
 
 
+def test_a_folder_it_did_not_write_stays_a_cut_copy_is_rebuilt_and_files_are_shared(tmp_path, monkeypatch):
+    def convert(files, out):
+        (out / "model.safetensors").write_text(files["fake/data.txt"].read_text() * 100)
+        os.chmod(out / "model.safetensors", 0o600)  # as safetensors writes
+        return {"params": 1}
+
+    downloads = _fake_weights(tmp_path, monkeypatch, convert)
+    root = tmp_path / "root"
+    (root / "fake").mkdir(parents=True)
+    (root / "fake" / "notes.txt").write_text("mine")
+    with pytest.raises(weights.WeightsError, match=r"fake exists and was not written by jobs/weights\.py"):
+        weights.materialise("fake-set", root, downloads, offline_only=True, log=lambda _: None)
+    assert (root / "fake" / "notes.txt").read_text() == "mine"
+    (root / "fake" / "notes.txt").unlink()
+    (root / "fake").rmdir()
+    old = os.umask(0o022)
+    try:
+        weights.materialise("fake-set", root, downloads, offline_only=True, log=lambda _: None)
+    finally:
+        os.umask(old)
+    model = root / "fake" / "model.safetensors"
+    assert model.stat().st_mode & 0o777 == 0o644 and weights.is_complete("fake", root)
+    with open(model, "r+b") as f:
+        f.truncate(10)  # a copy cut short after SOURCE.json arrived
+    assert not weights.is_complete("fake", root)
+    weights.materialise("fake-set", root, downloads, offline_only=True, log=lambda _: None)
+    assert weights.is_complete("fake", root) and model.stat().st_size > 10
+
+
 def test_an_interrupted_run_leaves_no_folder_and_a_rerun_completes(tmp_path, monkeypatch):
     calls = []
 
@@ -253,10 +283,11 @@ def test_an_interrupted_run_leaves_no_folder_and_a_rerun_completes(tmp_path, mon
     downloads = _fake_weights(tmp_path, monkeypatch, convert)
     root = tmp_path / "root"
     root.mkdir()
-    (root / ".fake.partial-999999999").mkdir()  # left by a process that no longer runs
+    (root / f".fake.partial-{socket.gethostname()}-999999999").mkdir()  # left by a process that no longer runs
+    (root / ".fake.partial-othernode-1").mkdir()  # another node's build on a shared folder: not ours to judge
     with pytest.raises(KeyboardInterrupt):
         weights.materialise("fake-set", root, downloads, offline_only=True, log=lambda _: None)
-    assert sorted(p.name for p in root.iterdir()) == [] and not weights.is_complete("fake", root)
+    assert sorted(p.name for p in root.iterdir()) == [".fake.partial-othernode-1"] and not weights.is_complete("fake", root)
     lines = []
     assert weights.materialise("fake-set", root, downloads, offline_only=True, log=lines.append) == {"fake": str(root / "fake")}
     assert sorted(p.name for p in (root / "fake").iterdir()) == ["README.md", "SOURCE.json", "model.safetensors"]

@@ -229,14 +229,26 @@ def check_context(cfg: TrainConfig, max_context: int | None) -> None:
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local data and init paths made absolute: Ray workers run in another directory."""
+    """Local data, init and checkpoint paths made absolute: Ray workers run in another directory
+    (and maybe as another user, whose cache or MMM_WEIGHTS_DIR would name other weights)."""
     from training.storage import is_remote
 
     fix = lambda p: p if not p or is_remote(p) else os.path.abspath(p)  # noqa: E731
     data = dataclasses.replace(cfg.data, dialogues=fix(cfg.data.dialogues), features=fix(cfg.data.features),
                                media=cfg.data.media and fix(cfg.data.media))
-    model = dataclasses.replace(cfg.model, init=cfg.model.init and fix(cfg.model.init))
+    model = dataclasses.replace(cfg.model, init=cfg.model.init and fix(cfg.model.init),
+                                overrides=_pinned_checkpoints(cfg) if cfg.stage == "pretrain" else cfg.model.overrides)
     return dataclasses.replace(cfg, data=data, model=model)
+
+
+def _pinned_checkpoints(cfg: TrainConfig) -> dict:
+    """Stage 1's overrides with every part's ``pretrained`` that is a local folder here (given
+    relative, or the preset's path under this user's weights cache) as an absolute path; hub names
+    stay as they are."""
+    resolved = model_config(cfg)
+    pinned = {part: {"pretrained": os.path.abspath(path)} for part in ("vision", "audio", "llm")
+              if (path := getattr(resolved, part).pretrained) and os.path.isdir(path)}
+    return config_io.merge(cfg.model.overrides, pinned)
 
 
 def summary(cfg: TrainConfig, result, seconds: float) -> dict:

