@@ -24,6 +24,8 @@ def test_the_real_recordings_say_only_words_english_training_says():
         pytest.skip("alsa-utils' recordings are not installed (apt-get install alsa-utils)")
     said = {w for _, transcript in recordings if transcript != NO_SPEECH["en"] for w in transcript.split()}
     assert said and said <= set(VOCAB["en"]), said - set(VOCAB["en"])
+    train = {f["phrase"] for f in (speech_facts(0, i) for i in range(4000)) if f["split"] == "train"}
+    assert not {t for _, t in recordings if t != NO_SPEECH["en"]} & train, "a recording's phrase was spoken in training"
 
 
 def test_splits_share_no_phrase_and_training_never_says_an_unseen_word():

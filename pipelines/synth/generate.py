@@ -125,7 +125,7 @@ class OfflineGenerator:
         kinds = self._kinds()
         n_eval = self._num_eval(kinds)
         items = [(k, i, "train") for k, n in kinds.items() for i in range(n)]
-        # the eval items' twins; speech holds out phrases and voices of its own (synth/speech.py)
+        # the eval items' twins; speech holds out phrases of its own, spoken by the training voices (synth/speech.py)
         items += [(k, i, "ood") for k, n in n_eval.items() if k != SPEECH for i in range(n)]
         step = self.cfg.offline.pool.batch_size
         blocks = [pa.table({c: [it[j] for it in items[i : i + step]] for j, c in enumerate(("kind", "index", "style"))})

@@ -76,7 +76,7 @@ class OfflineDialogues:
         ``twins`` maps an eval media id to its eval_ood twin (same facts, other rendering)."""
         self.pools, self.cfg, self.seed, self.twins = pools, cfg, seed, twins or {}
         self.n_eval = num_eval(cfg.num_dialogues, cfg.eval_fraction)
-        # spoken phrases have no twin: speech holds out phrases and voices of its own (synth/speech.py)
+        # spoken phrases have no twin: speech holds out phrases of its own (synth/speech.py)
         self._spoken = {m for m, _ in pools.get("eval", {}).get("speech", [])}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
