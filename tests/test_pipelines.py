@@ -187,13 +187,32 @@ def test_eval_ood_twins_ask_the_same_about_the_same_facts_drawn_otherwise(root):
 
 
 def test_eval_ood_draws_every_rendering_parameter_outside_the_training_ranges():
+    """What a clip or picture shows, not only the configured intervals: a beep's start and a tone's
+    frequency, and a colour with its per-channel jitter, out of every training draw's reach."""
     import dataclasses
 
-    from pipelines.synth.media import OOD, TRAIN, Style, partly_ood
+    import numpy as np
 
+    from pipelines.synth.media import OOD, TRAIN, Style, partly_ood, shade
+    from pipelines.synth.words import COLOURS
+
+    disjoint = lambda a, b: all(hi < low or lo > high for lo, hi in a for low, high in b)  # noqa: E731
     for field in dataclasses.fields(Style):
-        train, ood = getattr(TRAIN, field.name), getattr(OOD, field.name)
-        assert all(hi < low or lo > high for lo, hi in ood for low, high in train), field.name
+        if field.name not in ("jitter", "onset", "pitch"):
+            assert disjoint(getattr(OOD, field.name), getattr(TRAIN, field.name)), field.name
+    for fact, band in dict(OOD.pitch).items():
+        assert disjoint([band], [dict(TRAIN.pitch)[fact]]), fact
+    assert max(dict(OOD.pitch)["low"]) < min(dict(TRAIN.pitch)["high"])  # a low tone stays lower than any high one
+    start = lambda style, tail, share: 0.05 + share * (tail - 0.1)  # noqa: E731
+    latest_train = start(TRAIN, max(hi for _, hi in TRAIN.tail), TRAIN.onset[1])
+    assert start(OOD, min(lo for lo, _ in OOD.tail), OOD.onset[0]) >= latest_train
+    grid = lambda ranges: [t for lo, hi in ranges for t in np.linspace(lo, hi, 21)]  # noqa: E731
+    reach = TRAIN.jitter + OOD.jitter
+    for name, base in COLOURS.items():
+        train = np.array([shade(base, t, None, 0) for t in grid(TRAIN.shade)])
+        for t in grid(OOD.shade):
+            ood = np.array(shade(base, t, None, 0))
+            assert np.abs(train - ood).max(axis=1).min() > reach, (name, t)
     assert partly_ood(["beep", "tail"]) == dataclasses.replace(TRAIN, beep=OOD.beep, tail=OOD.tail)
     assert partly_ood([]) == OOD
     with pytest.raises(ValueError, match="bogus"):

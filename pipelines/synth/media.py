@@ -74,7 +74,8 @@ class Style:
     chosen at random. ``TRAIN`` (train and eval media) varies every parameter widely so a model
     learns the facts and not the renderer; ``OOD`` (the ``eval_ood`` split) draws every rendering
     parameter outside ``TRAIN``'s intervals, with the same facts, so the gap between the two
-    splits says how much the model learned the renderer instead.
+    splits says how much the model learned the renderer instead. One exception: a shape's place in
+    its cell, which ``OOD``'s larger shapes leave almost no room to vary.
     """
 
     canvas: tuple = ((24, 48),)
@@ -83,6 +84,8 @@ class Style:
     """Shape side as a share of its quadrant cell."""
     shade: tuple = ((-0.25, 0.25),)
     """How far the colour moves from its base: negative toward black, positive toward white."""
+    jitter: int = 8
+    """Per-channel noise added to the shaded colour, in levels of 255."""
     background: tuple = ((236, 255),)
     """Grey level of the background."""
     beep: tuple = ((0.12, 0.3),)
@@ -93,7 +96,11 @@ class Style:
     noise: tuple = ((0.0, 0.015),)
     """Standard deviation of the background noise."""
     tail: tuple = ((0.2, 1.0),)
-    """Seconds of clip around the beeps (split at random between onset and end)."""
+    """Seconds of clip around the beeps (split between onset and end by ``onset``)."""
+    onset: tuple = (0.0, 1.0)
+    """One interval: the share of the tail, less 0.1 s, that comes before the first beep."""
+    pitch: tuple = tuple(PITCHES.items())
+    """Each pitch fact's band of tone frequencies, Hz."""
     speed: tuple = ((140, 180),)
     """espeak-ng words per minute."""
 
@@ -102,17 +109,22 @@ TRAIN = Style()
 OOD = Style(
     canvas=((64, 96),),
     fill=((0.92, 0.98),),
-    shade=((-0.33, -0.27), (0.27, 0.33)),
+    shade=((-0.45, -0.37), (0.37, 0.45)),
+    jitter=0,
     background=((226, 234),),
     beep=((0.34, 0.42),),
     gap=((0.34, 0.45),),
     amplitude=((0.1, 0.13), (0.65, 0.8)),
     noise=((0.018, 0.025),),
     tail=((1.1, 1.5),),
+    onset=(0.9, 1.0),
+    pitch=(("low", (270.0, 320.0)), ("high", (1750.0, 2050.0))),
     speed=((110, 130), (190, 210)),
 )
-"""Larger shapes and canvases, other shades, a darker background; longer beeps and gaps, quieter or
-louder beeps, more noise, longer clips. Not smaller shapes or shorter beeps: below 0.5 of a cell a
+"""Larger shapes and canvases, shades further from the base than a training shade and its jitter
+reach, a darker background; longer beeps and gaps, quieter or louder beeps, more noise, longer
+clips whose beeps start later than any training clip's (0.95-1.45 s against 0.05-0.95 s), tones
+below and above the training bands of their pitch. Not smaller shapes or shorter beeps: below 0.5 of a cell a
 shape covers less than one 8-pixel patch of the tiny vision tower, and a beep under 0.1 s less than
 two audio tokens (80 ms each), which the tiny encoders cannot resolve at all (a probe reads shape
 and count at chance there), so those would measure the encoders' resolution, not generalisation."""
@@ -137,10 +149,10 @@ def draw(rng: random.Random, ranges: tuple) -> float:
     return rng.uniform(low, high)
 
 
-def shade(base: tuple, t: float, rng: random.Random) -> tuple:
-    """``base`` moved toward white (t > 0) or black (t < 0), plus a little per-channel jitter."""
+def shade(base: tuple, t: float, rng: random.Random, jitter: int = 8) -> tuple:
+    """``base`` moved toward white (t > 0) or black (t < 0), plus up to ``jitter`` per channel."""
     target = 255 if t > 0 else 0
-    return tuple(int(min(255, max(0, c + abs(t) * (target - c) + rng.randint(-8, 8)))) for c in base)
+    return tuple(int(min(255, max(0, c + abs(t) * (target - c) + (rng.randint(-jitter, jitter) if jitter else 0)))) for c in base)
 
 
 def draw_image(facts: dict, rng: random.Random, style: Style = TRAIN) -> bytes:
@@ -150,7 +162,7 @@ def draw_image(facts: dict, rng: random.Random, style: Style = TRAIN) -> bytes:
     img = Image.new("RGB", (size, size), (grey, grey, grey))
     paint = ImageDraw.Draw(img)
     cell = size / 2
-    colour = shade(COLOURS[facts["colour"]], draw(rng, style.shade), rng)
+    colour = shade(COLOURS[facts["colour"]], draw(rng, style.shade), rng, style.jitter)
     for q in rng.sample(range(4), facts["count"]):
         s = max(4.0, draw(rng, style.fill) * cell)
         x0 = (q % 2) * cell + rng.uniform(0, cell - s)
@@ -174,9 +186,9 @@ def make_beeps(facts: dict, rng: random.Random, style: Style = TRAIN) -> bytes:
     gaps = [draw(rng, style.gap) for _ in range(n - 1)]
     need = sum(ons) + sum(gaps)
     tail = draw(rng, style.tail)
-    start = 0.05 + rng.uniform(0.0, tail - 0.1)
+    start = 0.05 + rng.uniform(style.onset[0] * (tail - 0.1), style.onset[1] * (tail - 0.1))
     seconds = need + tail
-    hz = rng.uniform(*PITCHES[facts["pitch"]])
+    hz = rng.uniform(*dict(style.pitch)[facts["pitch"]])
     nrng = np.random.default_rng(rng.getrandbits(32))
     wave = nrng.normal(0.0, draw(rng, style.noise), int(seconds * SAMPLE_RATE)).astype(np.float32)
     at = start
