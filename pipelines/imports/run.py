@@ -44,6 +44,7 @@ from ..ingest import Decode, ReadBytes
 from ..runtime import Chain, PoolConfig, RayConfig, require
 from ..storage import StorageConfig, is_remote, join, local_path, read_parquet, write_parquet_atomic
 from .formats import FORMATS, RecordError, parse_record
+from .ids import DialogueIds
 
 MANIFEST = "import_manifest.parquet"
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("modality", pa.string()), ("imports", pa.list_(pa.string()))])
@@ -293,44 +294,19 @@ def assemble(cfg: ImportConfig, name: str, parsed: list[dict], media: dict[str, 
         rec = json.loads(p["record"])
         bad = _media_problem(rec["media"], media)
         media_ids = [] if bad else [media[m["uri"]]["media_id"] for m in rec["media"]]
-        did = None if bad else ids.assign(rec["id"], p["row"], rec["messages"], media_ids)
-        if did is None and not bad:
-            bad = ("parse", f"duplicate record: the same turns and media as row {ids.first_row(rec['messages'], media_ids)}")
+        earlier = None if bad else ids.duplicate_of(p["row"], rec["messages"], media_ids)
+        if earlier is not None:
+            bad = ("parse", f"duplicate record: the same turns and media as row {earlier}")
         if bad:
             errors.append({"row": p["row"], "stage": bad[0], "reason": bad[1]})
             continue
         dialogues.append({
-            "dialogue_id": did, "kind": rec["kind"] or kind_of([m["modality"] for m in rec["media"]]),
+            "dialogue_id": ids.assign(rec["id"], p["row"]),
+            "kind": rec["kind"] or kind_of([m["modality"] for m in rec["media"]]),
             "lang": rec["lang"] or cfg.lang, "media_ids": media_ids,
             "messages": rec["messages"], "split": rec["split"] or cfg.split, "source": f"import:{cfg.format}:{name}",
         })
     return dialogues, errors
-
-
-class DialogueIds:
-    """Dialogue ids of one import, stable across reruns of the same file: ``NAME-ID`` from a record's
-    id, ``NAME-ID#2``, ``#3``... for later records with the same id (LLaVA's ids are image ids, and
-    one image has several conversations), ``NAME-row0000007`` for a record without one. A record
-    with the same turns and media as an earlier one is a duplicate: None."""
-
-    def __init__(self, name: str):
-        self.name, self.used, self.content = name, set(), {}
-
-    def assign(self, record_id: str | None, row: int, messages: list[dict], media_ids: list[str]) -> str | None:
-        key = json.dumps([messages, media_ids], sort_keys=True)
-        if key in self.content:
-            return None
-        self.content[key] = row
-        base = f"{self.name}-{record_id}" if record_id is not None else f"{self.name}-row{row:07d}"
-        did, n = base, 1
-        while did in self.used:
-            n += 1
-            did = f"{base}#{n}"
-        self.used.add(did)
-        return did
-
-    def first_row(self, messages: list[dict], media_ids: list[str]) -> int:
-        return self.content[json.dumps([messages, media_ids], sort_keys=True)]
 
 
 def _media_problem(refs: list[dict], media: dict[str, dict]) -> tuple[str, str] | None:
