@@ -2,10 +2,11 @@
 
 A small data root is made in process with the offline generator's own pieces (its media with
 known facts, its dialogue maker, its manifest) and the tiny preset's frozen encoders, so no Ray
-Data start-up is paid here (tests/test_pipelines.py covers those jobs). Three ``trainer.fit`` calls
+Data start-up is paid here (tests/test_pipelines.py covers those jobs). Four ``trainer.fit`` calls
 in all: stage 1 interrupted by an injected failure after its step-2 checkpoint; stage 1 resumed
-through the real entry point (``jobs/pretrain.py --resume``); stage 2 with rank 0 fed only image
-dialogues and rank 1 only audio dialogues. Then jobs/evaluate.py on the stage-2 export.
+through the real entry point (``jobs/pretrain.py --resume``); stage 2 over dialogues in eight
+Parquet files, with rank 0 fed only image dialogues and rank 1 only audio dialogues; the same
+stage 2 again, which must train the same model. Then jobs/evaluate.py on the stage-2 export.
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ def work(tmp_path_factory, tiny_model):
     return work
 
 
-def _args(work: Path, stage: str, steps: int, every: int) -> list[str]:
-    out = "stage1" if stage == "pretrain" else "stage2"
-    return ["--data", str(work / "data"), f"run.output_dir={work / out}", f"run.storage_path={work / 'ray'}",
+def _args(work: Path, stage: str, steps: int, every: int, out: str | None = None, data: Path | None = None) -> list[str]:
+    out = out or ("stage1" if stage == "pretrain" else "stage2")
+    return ["--data", str(data or work / "data"), f"run.output_dir={work / out}", f"run.storage_path={work / 'ray'}",
             f"run.name={out}", f"train.max_steps={steps}", f"train.checkpoint_every={every}", "train.log_every=1",
             "train.warmup_steps=1", "train.micro_batch_size=1", "data.shuffle_buffer=16", "run.progress=false",
             "run.max_failures=0"]
@@ -150,14 +151,34 @@ def stage1(ray_local, work):
                            log=read_jsonl(str(work / "stage1" / "metrics.jsonl")))
 
 
-@pytest.fixture(scope="module")
-def stage2(stage1, work):
+def _many_parts(work: Path, parts: int = 8) -> Path:
+    """The test data root with its dialogues cut into ``parts`` Parquet files: blocks for Ray Data to hand out."""
+    root = work / f"data_{parts}_parts"
+    if not root.exists():
+        (root / "dialogues").mkdir(parents=True)
+        for name in ("features", "media.parquet"):
+            (root / name).symlink_to(work / "data" / name)
+        table = pq.read_table(work / "data" / "dialogues")
+        size = -(-table.num_rows // parts)
+        for i in range(parts):
+            pq.write_table(table.slice(i * size, size), root / "dialogues" / f"part-{i}.parquet")
+    return root
+
+
+def run_stage2(stage1, work: Path, name: str) -> SimpleNamespace:
+    """Stage 2 over the data root cut into eight files (blocks for Ray Data to hand out), each rank
+    fed one modality; ``name`` picks the run's folders and nothing else."""
     # the test's own rate: 8 steps must move the loss whatever rate the preset's 1600-step recipe uses
-    argv = [*_args(work, "finetune", STEPS2, STEPS2), f"model.init={stage1.final}", "train.lr=2e-3"]
+    argv = [*_args(work, "finetune", STEPS2, STEPS2, name, _many_parts(work)), f"model.init={stage1.final}", "train.lr=2e-3"]
     cfg, _, _ = stages.parse_args("finetune", argv, "")
     result = stages.run(cfg, train_hooks=_hooks(batches_by_modality))
-    return SimpleNamespace(cfg=cfg, summary=result, final=work / "stage2" / "final",
-                           log=read_jsonl(str(work / "stage2" / "metrics.jsonl")))
+    return SimpleNamespace(cfg=cfg, summary=result, final=work / name / "final",
+                           log=read_jsonl(str(work / name / "metrics.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, work):
+    return run_stage2(stage1, work, "stage2")
 
 
 def _state(module: torch.nn.Module) -> dict:
@@ -232,37 +253,17 @@ def test_loss_falls(stage2):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-def _many_parts(work: Path, parts: int = 8) -> Path:
-    """The test data root with its dialogues cut into ``parts`` Parquet files: blocks for Ray Data to hand out."""
-    root = work / f"data_{parts}_parts"
-    if not root.exists():
-        (root / "dialogues").mkdir(parents=True)
-        for name in ("features", "media.parquet"):
-            (root / name).symlink_to(work / "data" / name)
-        table = pq.read_table(work / "data" / "dialogues")
-        size = -(-table.num_rows // parts)
-        for i in range(parts):
-            pq.write_table(table.slice(i * size, size), root / "dialogues" / f"part-{i}.parquet")
-    return root
-
-
 @pytest.mark.timeout(900)
-def test_a_rerun_with_the_same_seed_trains_the_same_model(stage1, work):
-    """Two stage-2 runs of jobs/finetune.py, same seed and workers, over dialogues in eight files: the
-    same losses at every step and the same weights at the end (``data.preserve_order``)."""
+def test_a_rerun_with_the_same_seed_trains_the_same_model(stage1, stage2, work):
+    """Stage 2 again, same seed and workers, over the same eight files: the same losses at every step
+    and the same weights at the end (``data.preserve_order``)."""
     from mmm.model import MMMModel
 
-    data, runs = _many_parts(work), []
-    for name in ("rerun-a", "rerun-b"):
-        finetune_job.main(["--data", str(data), f"model.init={stage1.final}", f"run.output_dir={work / name}",
-                           f"run.storage_path={work / 'ray'}", f"run.name={name}", "train.max_steps=4",
-                           "train.log_every=1", "data.shuffle_buffer=16", "run.progress=false", "run.max_failures=0"])
-        log = read_jsonl(str(work / name / "metrics.jsonl"))
-        model = MMMModel.from_pretrained(str(work / name / "final"), expect_phase="stage2")
-        runs.append(([r["loss"] for r in log if "loss" in r], _state(model)))
-    (losses_a, state_a), (losses_b, state_b) = runs
-    assert len(losses_a) == 4 and losses_a == losses_b, (losses_a, losses_b)
-    assert _equal(state_a, state_b), "the same seed, data and workers must end with the same weights"
+    rerun = run_stage2(stage1, work, "stage2-rerun")
+    losses = [[r["loss"] for r in run.log if "loss" in r] for run in (stage2, rerun)]
+    assert len(losses[0]) == STEPS2 and losses[0] == losses[1], losses
+    first, second = (_state(MMMModel.from_pretrained(str(run.final), expect_phase="stage2")) for run in (stage2, rerun))
+    assert _equal(first, second), "the same seed, data and workers must end with the same weights"
 
 
 def test_rows_too_long_for_the_context_are_skipped_and_counted(stage1, work, tiny_model):
