@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import logmel, pixels
+from .pretrained import load_pretrained
 from .config import (
     ENCODER_FRAMES_PER_SECOND,
     SAMPLE_RATE,
@@ -26,22 +27,6 @@ from .config import (
     ModelConfig,
     VisionConfig,
 )
-
-
-class CheckpointUnavailableError(RuntimeError):
-    """A named checkpoint could not be loaded (no hub access, wrong path)."""
-
-
-def load_pretrained(loader, name: str, what: str, **kwargs):
-    """Call a ``from_pretrained`` and turn any failure into one clear sentence."""
-    try:
-        return loader(name, **kwargs)
-    except Exception as exc:  # hub/network/path errors come in many types
-        raise CheckpointUnavailableError(
-            f"cannot load the {what} checkpoint {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}. "
-            "Give a local path to the checkpoint (`python jobs/weights.py small-real` makes the small-real "
-            "preset's folders offline), or use the offline 'tiny' preset."
-        ) from None
 
 
 # Fields of a transformers config that say where or how a checkpoint was saved or run, not what

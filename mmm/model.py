@@ -19,8 +19,9 @@ from . import checkpoint, generation
 from .attention import PACKED_SDPA, register as register_attention
 from .chat import IGNORE_INDEX, PlaceholderMismatchError, Rendered, render
 from .config import ModelConfig
-from .encoders import build_encoders, load_pretrained
+from .encoders import build_encoders
 from .lora import LoraSettings, add_lora
+from .pretrained import load_pretrained
 from .projectors import AudioProjector, ItemOrdinals, VisionProjector
 from .schema import AUDIO, IMAGE, MODALITIES
 from .spans import default_positions, item_numbers, shared_span_positions

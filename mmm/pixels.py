@@ -14,9 +14,13 @@ tests/test_model.py).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # imported where normalise runs: a CPU decode stage only resizes and never loads torch
+    import torch
 
 
 def supports(processor, images) -> bool:
@@ -55,6 +59,8 @@ def _resized(processor, image) -> np.ndarray:
 def normalize(processor, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 pixel values, as the processor rescales and
     normalises; on the tensor's device (send uint8 to a GPU first: a quarter of the bytes)."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
     x = x.permute(0, 3, 1, 2).float()
     if processor.do_rescale:

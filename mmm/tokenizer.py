@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 
 from .config import TokenizerConfig
-from .encoders import load_pretrained
+from .pretrained import load_pretrained
 
 IMAGE_START, IMAGE_END, IMAGE_PAD = "<image>", "</image>", "<|image_pad|>"
 AUDIO_START, AUDIO_END, AUDIO_PAD = "<audio>", "</audio>", "<|audio_pad|>"

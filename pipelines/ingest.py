@@ -251,11 +251,15 @@ class Decode:
 
     NEEDS = ("uri", "modality", "bytes", "error")
 
-    def __init__(self, limits: MediaLimits, model: ModelConfig):
-        from mmm.encoders import image_processor
-
+    def __init__(self, limits: MediaLimits, model: ModelConfig | None):
+        """``model`` None: validate only, hand on no encoder input (dialogue import checks media so,
+        without the image processor, which loads transformers and torch in every actor)."""
         self.limits = limits
-        self.processor = image_processor(model.vision)
+        self.processor = None
+        if model is not None:
+            from mmm.encoders import image_processor
+
+            self.processor = image_processor(model.vision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Column-wise, so the bytes are never copied into Python rows and back (see EncodeMedia).
@@ -279,7 +283,7 @@ class Decode:
             if modality == IMAGE:
                 image = decode_image(data, self.limits, uri)
                 cols["width"][i], cols["height"][i] = image.size
-                value = pixels.resize_one(self.processor, image)
+                value = pixels.resize_one(self.processor, image) if self.processor else None
             elif modality == AUDIO:
                 value = decode_audio(data, self.limits, uri)
                 cols["duration_s"][i] = len(value) / SAMPLE_RATE
@@ -288,7 +292,8 @@ class Decode:
         except MediaError as e:
             cols["error"][i], cols["stage"][i] = e.reason, "decode"
             return
-        cols["input"][i], cols["input_shape"][i] = value.tobytes(), list(value.shape)
+        if self.processor:
+            cols["input"][i], cols["input_shape"][i] = value.tobytes(), list(value.shape)
 
 
 def encoder_inputs(batch: pa.Table, rows: list[int], modality: str):

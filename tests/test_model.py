@@ -301,7 +301,7 @@ def test_batched_generation_matches_single(tiny_model):
 
 def test_real_preset_without_hub_fails_clearly():
     from mmm.config import preset
-    from mmm.encoders import CheckpointUnavailableError
+    from mmm.pretrained import CheckpointUnavailableError
     from mmm.model import MMMModel
 
     with pytest.raises(CheckpointUnavailableError, match="cannot load the tokenizer checkpoint .TinyLlama/TinyLlama-1.1B-Chat-v1.0."):

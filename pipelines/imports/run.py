@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmm.config import preset
 from mmm.media import MediaLimits, media_id
 from mmm.schema import AUDIO, DIALOGUES, ERRORS, IMAGE, LANGS, SPLITS
 
@@ -70,8 +69,6 @@ class ImportConfig:
     """Language of records that do not say (``lang`` field); one of mmm.schema.LANGS."""
     split: str = "train"
     """Split of records that do not say (``split`` field); one of mmm.schema.SPLITS."""
-    preset: str = "tiny"
-    """Preset whose image processor Decode uses (the validation resizes as the features job will)."""
     parse: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=256, num_cpus=0.25))
     """Record parsing: pure Python and JSON, so one light actor and large batches."""
     ingest: PoolConfig = field(default_factory=lambda: PoolConfig(concurrency=1, batch_size=64, num_cpus=0.25))
@@ -269,7 +266,7 @@ def check_media(cfg: ImportConfig, refs: dict[str, str | None]) -> dict[str, dic
     step = max(1, min(cfg.ingest.batch_size or 64, -(-len(uris) // 2)))
     blocks = [pa.table({"uri": uris[i : i + step], "modality": [refs[u] for u in uris[i : i + step]]})
               for i in range(0, len(uris), step)]
-    stages = [(ReadBytes, {"storage": cfg.storage}), (Decode, {"limits": cfg.limits, "model": preset(cfg.preset)})]
+    stages = [(ReadBytes, {"storage": cfg.storage}), (Decode, {"limits": cfg.limits, "model": None})]
     ds = ray.data.from_arrow(blocks).map_batches(Chain, fn_constructor_kwargs={"stages": stages}, batch_format="pyarrow",
                                                  **cfg.ingest.options())
     cols = ("uri", "modality", "media_id", "error", "stage")
