@@ -73,7 +73,9 @@ def init_ray(cfg: RayConfig) -> bool:
             ray.init(log_to_driver=True)
         else:
             num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)
-            start_local_ray(num_cpus=num_cpus, include_dashboard=False)
+            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
+            # every second (and logs each failure without it); it listens on 127.0.0.1.
+            start_local_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
         started = True
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
