@@ -326,6 +326,21 @@ def test_malformed_records_each_get_a_reason_and_the_good_rows_are_written(ray_l
     assert "lang must be one of ['en', 'ms']" in capsys.readouterr().err
 
 
+def test_a_json_array_source_is_read_item_by_item_and_a_broken_one_is_named(tmp_path):
+    from pipelines.imports.run import ImportConfig, read_records
+
+    def records(text: str):
+        (tmp_path / "a.json").write_text(text)
+        return read_records(ImportConfig(source=str(tmp_path / "a.json")))
+
+    items = [{"id": "é\u2028", "conversations": []}, [1, {"x": "]"}], "s", None]
+    assert [json.loads(t) for _, t in records(" \n[ " + ",\n ".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n")[0]] == items
+    assert records("[]")[0] == [] and records("[ \n ]  ")[0] == []
+    for broken in ("[{}, ]", "[{} {}]", "[{}", "[{}] []", "[{}]x"):
+        with pytest.raises(ValueError, match=r"a\.json starts with '\[' but is not a valid JSON array"):
+            records(broken)
+
+
 def test_a_json_array_manifest_reads_like_json_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     rows = [{"uri": "a.png", "caption": "red"}, {"uri": "~/b.wav", "transcript": "hi"}]
