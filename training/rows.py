@@ -134,11 +134,10 @@ def train_dataset(cfg: TrainConfig):
         return ray.data.from_arrow(train_rows(cfg))
     from training.storage import resolve
 
+    from training.compat import few_parquet_footer_readers
+
     fs, path = resolve(cfg.data.dialogues, cfg.run.s3_endpoint)
-    # Ray Data's V2 Parquet reader starts 32 footer-reader actors for every read, whatever the number
-    # of files: ~15 s of process start-up per training run on 2 cores (docs/PERFORMANCE.md, "Parquet
-    # reads"). The V1 reader lists a few dialogue files on the driver and reads them in tasks.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    few_parquet_footer_readers()
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns([*ROW_COLUMNS, "split"])
     split = cfg.data.split
     return ds.filter(expr=col("split") == split).drop_columns(["split"])
