@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from . import logmel, pixels
-from .pretrained import load_pretrained
 from .config import (
     ENCODER_FRAMES_PER_SECOND,
     SAMPLE_RATE,
@@ -27,6 +26,7 @@ from .config import (
     ModelConfig,
     VisionConfig,
 )
+from .pretrained import load_pretrained
 
 
 # Fields of a transformers config that say where or how a checkpoint was saved or run, not what

@@ -132,9 +132,8 @@ def train_dataset(cfg: TrainConfig):
 
     if cfg.stage == "pretrain" or cfg.data.replay > 0:  # one small table, shuffled on the driver
         return ray.data.from_arrow(train_rows(cfg))
-    from training.storage import resolve
-
     from training.compat import few_parquet_footer_readers
+    from training.storage import resolve
 
     fs, path = resolve(cfg.data.dialogues, cfg.run.s3_endpoint)
     few_parquet_footer_readers()
