@@ -34,13 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.cli import parse, print_summary
-from pipelines.imports.run import ImportConfig, check_source, run_import
+from pipelines.imports.run import ImportConfig, run_import
+from pipelines.imports.source import check_source
 from pipelines.runtime import init_ray
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(ImportConfig, argv, __doc__)
-    check_source(cfg)
+    check_source(cfg.source, cfg.storage)
     started = init_ray(cfg.ray)
     try:
         summary = run_import(cfg)

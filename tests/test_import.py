@@ -327,11 +327,11 @@ def test_malformed_records_each_get_a_reason_and_the_good_rows_are_written(ray_l
 
 
 def test_a_json_array_source_is_read_item_by_item_and_a_broken_one_is_named(tmp_path):
-    from pipelines.imports.run import ImportConfig, read_records
+    from pipelines.imports.source import read_records
 
     def records(text: str):
         (tmp_path / "a.json").write_text(text)
-        return read_records(ImportConfig(source=str(tmp_path / "a.json")))
+        return read_records(str(tmp_path / "a.json"), StorageConfig())
 
     items = [{"id": "é\u2028", "conversations": []}, [1, {"x": "]"}], "s", None]
     assert [json.loads(t) for _, t in records(" \n[ " + ",\n ".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n")[0]] == items

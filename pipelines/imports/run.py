@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from ..runtime import Chain, PoolConfig, RayConfig, require
 from ..storage import StorageConfig, is_remote, join, local_path, read_parquet, write_parquet_atomic
 from .formats import FORMATS, RecordError, parse_record
 from .ids import DialogueIds
+from .source import read_records
 
 MANIFEST = "import_manifest.parquet"
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("modality", pa.string()), ("imports", pa.list_(pa.string()))])
@@ -98,73 +98,6 @@ def absolute(uri: str) -> str:
     far from ``out``, or ``out/media/imported``): features.py reads them from any folder, and a
     path relative to the folder the import ran in would mean nothing there."""
     return uri if is_remote(uri) else os.path.abspath(local_path(uri))
-
-
-def check_source(cfg: ImportConfig) -> None:
-    """Before Ray starts: a source that is not there is a one-line error, not a traceback 20 s later."""
-    fs, path = cfg.storage.filesystem(cfg.source)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"source {cfg.source} does not exist (or is a folder): give a JSON or JSONL file")
-
-
-def read_text(cfg: ImportConfig) -> str:
-    """The source as text: UTF-8, a byte-order mark (as some editors write) dropped."""
-    check_source(cfg)
-    fs, path = cfg.storage.filesystem(cfg.source)
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"source {cfg.source} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                         "JSON and JSONL files are UTF-8, so convert it first") from None
-
-
-def read_records(cfg: ImportConfig) -> tuple[list[tuple[int, str]], list[dict]]:
-    """(row, record JSON) pairs and the rows that are not JSON. A file starting with ``[`` is a
-    JSON array, anything else JSONL (blank lines skipped); rows count from 1.
-
-    JSONL lines end at "\\n" only: str.splitlines() would also split at U+2028, U+0085 and other
-    separators that JSON strings may hold unescaped."""
-    text = read_text(cfg)
-    if text.lstrip().startswith("["):
-        try:
-            return list(enumerate(array_items(text), start=1)), []
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg.source} starts with '[' but is not a valid JSON array: {e}") from None
-    good, bad = [], []
-    for i, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append((i, line))
-        except json.JSONDecodeError as e:
-            bad.append({"row": i, "stage": "parse", "reason": f"not JSON: {e}"})
-    return good, bad
-
-
-def array_items(text: str):
-    """Each item of a JSON array, as its own JSON text, decoded one at a time: ``json.loads`` of the
-    whole array holds every record as Python objects at once, ~5x the file in memory
-    (docs/DATA.md, "Import memory")."""
-    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
-    at = space.match(text, text.index("[") + 1).end()
-    if text.startswith("]", at):
-        at += 1
-    else:
-        while True:
-            _, end = decoder.raw_decode(text, at)
-            yield text[at:end]
-            at = space.match(text, end).end()
-            if not text.startswith(",", at):
-                if not text.startswith("]", at):
-                    raise json.JSONDecodeError("expected ',' or ']' after an item", text, at)
-                at += 1
-                break
-            at = space.match(text, at + 1).end()
-    if space.match(text, at).end() != len(text):
-        raise json.JSONDecodeError("extra data after the array", text, at)
 
 
 class ParseRecords:
@@ -390,7 +323,7 @@ def run_import(cfg: ImportConfig) -> dict:
     start = time.time()
     name = import_name(cfg)
     check_name_is_ours(cfg, name)
-    records, unreadable = read_records(cfg)
+    records, unreadable = read_records(cfg.source, cfg.storage)
     if not records and not unreadable:
         raise ValueError(f"source {cfg.source} holds no records (an empty file, an empty array or blank lines)")
     parsed = parse_all(cfg, records) + [{"row": e["row"], "record": None, "error": e["reason"]} for e in unreadable]
