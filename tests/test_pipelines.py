@@ -302,6 +302,35 @@ def test_recall_drills_ask_about_an_earlier_item_in_train_only():
     assert 60 <= drills <= 120  # about half of 180 train dialogues
 
 
+def test_an_eval_turn_never_asks_what_an_earlier_answer_said():
+    """Evaluation feeds the reference answers back as history: a turn those answers already settle
+    ("red", then "is it red?") would score reading, not the media. Checked on single-item
+    dialogues, where an answer's words say which attribute it states."""
+    from pipelines.synth.media import make_item
+    from pipelines.synth.offline import DialogueConfig, OfflineDialogues
+    from pipelines.synth.words import COLOURS, PITCHES, SHAPES, word
+
+    groups = {a: {word(v, lg) for v in vs for lg in LANGS} for a, vs in
+              (("colour", COLOURS), ("shape", SHAPES), ("pitch", PITCHES), ("count", ("1", "2", "3")))}
+
+    def attributes(answer: str) -> set:
+        return {a for a, ws in groups.items() for w in ws if f" {w} " in f" {answer.replace(',', ' ').replace('?', ' ')} "}
+
+    pool = {k: [(f"{k}{i}", make_item(0, k, i)[1]) for i in range(6)] for k in (IMAGE, AUDIO)}
+    gen = OfflineDialogues({"train": pool, "eval": pool}, DialogueConfig(num_dialogues=2000), seed=7)
+    repeats = {"eval": 0, "train": 0}
+    for d in map(gen.dialogue, range(2000)):
+        if d["kind"] not in ("visual_context", "audio_instruction"):
+            continue
+        said: set = set()
+        for answer in (m["content"] for m in d["messages"][1::2]):
+            stated = attributes(answer)
+            assert stated, answer
+            repeats[d["split"]] += stated <= said
+            said |= stated
+    assert repeats["eval"] == 0 and repeats["train"] > 50, repeats  # train keeps them: reading history is a skill too
+
+
 def test_yes_no_answers_state_what_they_compare_before_the_verdict():
     import random
 
@@ -324,13 +353,13 @@ def test_yes_no_answers_state_what_they_compare_before_the_verdict():
         lang = rng.choice(LANGS)
         yes, no = word("yes", lang), word("no", lang)
         item = rng.choice(images + clips)
-        q, a = Q.verify(item, lang, rng, VALUES)
+        q, a, *_ = Q.verify(item, lang, rng, VALUES)
         claimed, rest = a.split("? ")  # "2? 3, so no": the claim echoed, then the fact
         [fact], verdict = split(rest, lang)
         assert claimed in q and fact in {Q._value(k, item.facts[k], lang) for k in VALUES if k in item.facts}, (q, a)
         assert verdict == (yes if claimed == fact else no), (q, a)
         seen.add(verdict)
-        q, a = Q.same(rng.sample(images, 2), lang, rng)
+        q, a, *_ = Q.same(rng.sample(images, 2), lang, rng)
         (left, right), verdict = split(a, lang)
         assert verdict == (yes if left == right else no), (q, a)
         image, clip = rng.choice(images), rng.choice(clips)
@@ -351,9 +380,9 @@ def test_a_named_items_answer_starts_with_its_name():
     named = Q.Item("i", IMAGE, facts, {"en": "image 2", "ms": "gambar 2"}, named=True)
     single = Q.Item("i", IMAGE, facts, {"en": "the image", "ms": "gambar ini"})
     for lang in LANGS:
-        q, a = Q.attribute(named, lang, rng)
+        q, a, *_ = Q.attribute(named, lang, rng)
         assert named.ref[lang] in q and a.startswith(named.ref[lang] + " ") and a.split(" ", 2)[2], (q, a)
-        q, a = Q.attribute(single, lang, rng)
+        q, a, *_ = Q.attribute(single, lang, rng)
         assert single.ref[lang] in q and not a.startswith(single.ref[lang]), (q, a)
     pool = {k: [(f"{k}{i}", make_item(0, k, i)[1]) for i in range(6)] for k in (IMAGE, AUDIO)}
     gen = OfflineDialogues({"train": pool, "eval": pool}, DialogueConfig(num_dialogues=100), seed=7)

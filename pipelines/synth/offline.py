@@ -8,6 +8,11 @@ of dialogues are ``eval`` and use only eval media; media are split by index befo
 is made, so no eval item ever appears in a train dialogue. Each eval dialogue has an ``eval_ood``
 twin: the same turns about twin media with the same facts, rendered outside the training ranges. A ``recall_rate`` share of train
 dialogues are recall drills (see :class:`DialogueConfig`); the eval split never has any.
+
+An eval turn never asks what the reference answers before it already said ("image 1 red", then
+"is image 1 red?"): evaluation feeds those answers back as history, so such a turn scores reading
+the text, not the media. An eval dialogue with no fresh question left ends there. Train dialogues
+keep such turns: answering from the history is a skill too.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ class OfflineDialogues:
         recall = split == "train" and self._recall_kind(index)
         kind = recall or kind
         items = self._pick(kind, self.pools[split], rng)
-        messages, media_ids = self._turns(kind, items, lang, rng, bool(recall))
+        messages, media_ids = self._turns(kind, items, lang, rng, bool(recall), fresh=split == "eval")
         return {
             "dialogue_id": f"{SOURCE}-s{self.seed}-{index:07d}",
             "kind": kind,
@@ -138,7 +143,7 @@ class OfflineDialogues:
             chosen = [(m, x) for x in rng.sample(pool[m], n)]
         return [Q.Item(media_id=mid, kind=k, facts=facts, ref={}) for k, (mid, facts) in chosen]
 
-    def _turns(self, kind: str, items: list[Q.Item], lang: str, rng: random.Random, recall: bool = False):
+    def _turns(self, kind: str, items: list[Q.Item], lang: str, rng: random.Random, recall: bool = False, fresh: bool = False):
         multi = kind in ("multi_image", "multi_audio")
         for k, it in enumerate(items, start=1):
             it.ref = {lg: label(it.modality, k, lg) if multi else SINGLE_REF[lg][it.modality] for lg in LANGS}
@@ -152,14 +157,17 @@ class OfflineDialogues:
             staggered = turns > len(items)
         intro = [[it] for it in items] + [[]] * (turns - len(items)) if staggered else [items] + [[]] * (turns - 1)
         messages, media_ids, shown, asked = [], [], [], set()
+        stated = set() if fresh else None
         for turn, new in enumerate(intro, start=1):
+            qa = self._question(kind, shown + new, new, lang, rng, asked, recall and turn == len(intro), stated)
+            if qa is None:
+                break
             shown += new
             media_ids += [it.media_id for it in new]
-            q, a = self._question(kind, shown, new, lang, rng, asked, recall and turn == len(intro))
             header = self._header(new, lang, kind)
             above = new and self.cfg.question_first_rate and rng.random() < self.cfg.question_first_rate
-            messages.append({"role": "user", "content": f"{q}\n{header}" if above else header + q})
-            messages.append({"role": "assistant", "content": a})
+            messages.append({"role": "user", "content": f"{qa.question}\n{header}" if above else header + qa.question})
+            messages.append({"role": "assistant", "content": qa.answer})
         return messages, media_ids
 
     @staticmethod
@@ -168,15 +176,22 @@ class OfflineDialogues:
         ("Image 2: ", "Audio 1: ", mmm/chat.py), which the questions' "image 2" / "gambar 2" name."""
         return "".join(f"<{it.modality}></{it.modality}>\n" for it in new)
 
-    def _question(self, kind, shown, new, lang, rng, asked, recall=False):
+    def _question(self, kind, shown, new, lang, rng, asked, recall=False, stated=None) -> Q.QA | None:
         """A question not yet asked in this dialogue (up to a few tries), with its answer; a recall
-        question asks about an item shown before the latest one."""
+        question asks about an item shown before the latest one. With ``stated`` (the facts earlier
+        answers said), the question must also need a fact not among them, or there is none."""
         qa = None
         for _ in range(8):
             qa = self._recall(shown, lang, rng) if recall else self._candidate(kind, shown, new, lang, rng)
-            if qa and qa[0] not in asked:
+            fresh = stated is None or not qa.answered_by(stated)
+            if qa.question not in asked and fresh:
                 break
-        asked.add(qa[0])
+        else:
+            if stated is not None:
+                return None
+        asked.add(qa.question)
+        if stated is not None:
+            stated |= qa.states
         return qa
 
     def _candidate(self, kind, shown, new, lang, rng):

@@ -1,14 +1,16 @@
 """Checkable questions about media with known facts, in English or Malay.
 
-Each function returns ``(question, answer)`` or None when no unambiguous question of that type
-exists (e.g. "which image has red shapes?" when two images are red). Answers are short and
-exact: the evaluation job scores them by exact match.
+Each function returns a :class:`QA` or None when no unambiguous question of that type exists
+(e.g. "which image has red shapes?" when two images are red). Answers are short and exact: the
+evaluation job scores them by exact match. A QA also names the facts its answer states and the
+facts that would give it away, so a dialogue can avoid asking what its history already answered.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .words import ATTRIBUTE, CROSS, SAME, SPEECH, VERIFY, WHICH, template, things, word
 
@@ -30,6 +32,28 @@ class Item:
         return "image" if self.kind == "image" else "audio"
 
 
+Fact = tuple[str, str]  # (media_id, attribute)
+
+
+class QA(NamedTuple):
+    """A question, its exact answer and the facts behind them."""
+
+    question: str
+    answer: str
+    states: frozenset[Fact]
+    """The facts the answer says."""
+    needs: tuple[frozenset[Fact], ...]
+    """Sets of facts, any one of which answers the question without the media."""
+
+    def answered_by(self, stated: set[Fact]) -> bool:
+        return any(need <= stated for need in self.needs)
+
+
+def _qa(question: str, answer: str, facts: set[Fact]) -> QA:
+    """A question whose answer states exactly the facts it needs."""
+    return QA(question, answer, frozenset(facts), (frozenset(facts),))
+
+
 def _value(attr: str, v, lang: str) -> str:
     """A fact as an answer says it: a count's digit ("3"), else its word ("merah")."""
     return str(v) if attr == "count" else word(v, lang)
@@ -44,11 +68,11 @@ def attribute(item: Item, lang: str, rng: random.Random):
     in some runs and not others (docs/LEARNING.md#answer-formats).
     """
     if item.kind == "speech":
-        return template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["phrase"]
+        return _qa(template(SPEECH, lang).format(ref=item.ref[lang]), item.facts["phrase"], {(item.media_id, "phrase")})
     attr = rng.choice(sorted(ATTRIBUTE[item.kind]))
     q = template(ATTRIBUTE[item.kind][attr], lang).format(ref=item.ref[lang])
     value = _value(attr, item.facts[attr], lang)
-    return q, f"{item.ref[lang]} {value}" if item.named else value
+    return _qa(q, f"{item.ref[lang]} {value}" if item.named else value, {(item.media_id, attr)})
 
 
 def verdict(evidence: list[str], holds: bool, lang: str) -> str:
@@ -74,11 +98,13 @@ def verify(item: Item, lang: str, rng: random.Random, pools: dict):
     claim = truth if rng.random() < 0.5 else rng.choice([v for v in pools[attr] if v != truth])
     value = things(item.kind, claim, lang) if attr == "count" else word(claim, lang)
     q = template(VERIFY[item.kind][attr], lang).format(ref=item.ref[lang], value=value)
-    return q, f"{_value(attr, claim, lang)}? " + verdict([_value(attr, truth, lang)], claim == truth, lang)
+    answer = f"{_value(attr, claim, lang)}? " + verdict([_value(attr, truth, lang)], claim == truth, lang)
+    return _qa(q, answer, {(item.media_id, attr)})
 
 
 def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
-    """"Which image has red shapes?" -> "image 2", only when exactly one item matches."""
+    """"Which image has red shapes?" -> "image 2", only when exactly one item matches. Knowing
+    that item's colour gives the answer away, and so does knowing every other item's."""
     kind = items[0].kind
     attrs = sorted(WHICH[kind])
     rng.shuffle(attrs)
@@ -88,7 +114,10 @@ def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
         if unique:
             v = rng.choice(unique)
             value = things(kind, v, lang) if attr == "count" else word(v, lang)
-            return template(WHICH[kind][attr], lang).format(value=value), labels[values.index(v)]
+            match = items[values.index(v)]
+            others = frozenset((it.media_id, attr) for it in items if it is not match)
+            found = frozenset({(match.media_id, attr)})
+            return QA(template(WHICH[kind][attr], lang).format(value=value), labels[values.index(v)], found, (found, others))
     return None
 
 
@@ -106,11 +135,12 @@ def same(items: list[Item], lang: str, rng: random.Random):
     a, b = items[i], items[j]
     q = template(SAME[a.kind][attr], lang).format(a=a.ref[lang], b=b.ref[lang])
     values = [_value(attr, it.facts[attr], lang) for it in (a, b)]
-    return q, verdict(values, a.facts[attr] == b.facts[attr], lang)
+    return _qa(q, verdict(values, a.facts[attr] == b.facts[attr], lang), {(a.media_id, attr), (b.media_id, attr)})
 
 
 def cross(image: Item, audio: Item, lang: str):
     """"Are there as many shapes in the image as beeps in the audio?" -> "2 and 2, so yes"."""
     q = template(CROSS, lang).format(image=image.ref[lang], audio=audio.ref[lang])
     counts = [image.facts["count"], audio.facts["count"]]
-    return q, verdict([_value("count", c, lang) for c in counts], counts[0] == counts[1], lang)
+    answer = verdict([_value("count", c, lang) for c in counts], counts[0] == counts[1], lang)
+    return _qa(q, answer, {(image.media_id, "count"), (audio.media_id, "count")})
