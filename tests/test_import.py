@@ -331,14 +331,18 @@ def test_a_json_array_source_is_read_item_by_item_and_a_broken_one_is_named(tmp_
 
     def records(text: str):
         (tmp_path / "a.json").write_text(text)
-        return read_records(str(tmp_path / "a.json"), StorageConfig())
+        table, bad = read_records(str(tmp_path / "a.json"), StorageConfig())
+        assert bad == [] and table["row"].to_pylist() == list(range(1, table.num_rows + 1))
+        return table["text"].to_pylist()
 
     items = [{"id": "é\u2028", "conversations": []}, [1, {"x": "]"}], "s", None]
-    assert [json.loads(t) for _, t in records(" \n[ " + ",\n ".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n")[0]] == items
-    assert records("[]")[0] == [] and records("[ \n ]  ")[0] == []
+    assert [json.loads(t) for t in records(" \n[ " + ",\n ".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n")] == items
+    assert records("[]") == [] and records("[ \n ]  ") == []
     for broken in ("[{}, ]", "[{} {}]", "[{}", "[{}] []", "[{}]x"):
         with pytest.raises(ValueError, match=r"a\.json starts with '\[' but is not a valid JSON array"):
             records(broken)
+    many = [{"id": i} for i in range(20_000)]  # more than one chunk of the reader
+    assert [json.loads(t) for t in records(json.dumps(many))] == many
 
 
 def test_a_json_array_manifest_reads_like_json_lines(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 
@@ -15,7 +16,9 @@ class DialogueIds:
 
     def duplicate_of(self, row: int, messages: list[dict], media_ids: list[str]) -> int | None:
         """The earlier row with these turns and media, else None (and this row is remembered)."""
-        first = self.first_rows.setdefault(json.dumps([messages, media_ids], sort_keys=True), row)
+        # a digest, not the text: the text of every dialogue would keep the whole import in memory
+        key = hashlib.sha256(json.dumps([messages, media_ids], sort_keys=True).encode()).digest()
+        first = self.first_rows.setdefault(key, row)
         return first if first != row else None
 
     def assign(self, record_id: str | None, row: int) -> str:

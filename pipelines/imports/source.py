@@ -1,10 +1,13 @@
-"""Reading a dialogue source: the file's text (UTF-8), and its records as JSON texts, from a JSON
-array or JSON Lines, with the rows that are not JSON."""
+"""Reading a dialogue source: the file's text (UTF-8), and its records as JSON texts in an Arrow
+table, from a JSON array or JSON Lines, with the rows that are not JSON. Records never exist as
+Python objects all at once (docs/DATA.md, "Import memory")."""
 
 from __future__ import annotations
 
 import json
 import re
+
+import pyarrow as pa
 
 from ..storage import StorageConfig
 
@@ -29,28 +32,61 @@ def read_text(source: str, storage: StorageConfig) -> str:
                          "JSON and JSONL files are UTF-8, so convert it first") from None
 
 
-def read_records(source: str, storage: StorageConfig) -> tuple[list[tuple[int, str]], list[dict]]:
-    """(row, record JSON) pairs and the rows that are not JSON. A file starting with ``[`` is a
-    JSON array, anything else JSONL (blank lines skipped); rows count from 1.
+RECORDS = pa.schema([("row", pa.int64()), ("text", pa.string())])
+CHUNK = 8192
+"""Records per Arrow chunk while reading: Python strings for at most this many at once."""
+
+
+def read_records(source: str, storage: StorageConfig) -> tuple[pa.Table, list[dict]]:
+    """(row, text) of each record, as JSON text in an Arrow table, and the rows that are not JSON.
+    A file starting with ``[`` is a JSON array, anything else JSONL (blank lines skipped); rows
+    count from 1.
 
     JSONL lines end at "\\n" only: str.splitlines() would also split at U+2028, U+0085 and other
     separators that JSON strings may hold unescaped."""
     text = read_text(source, storage)
     if text.lstrip().startswith("["):
         try:
-            return list(enumerate(array_items(text), start=1)), []
+            return _table(enumerate(array_items(text), start=1)), []
         except json.JSONDecodeError as e:
             raise ValueError(f"{source} starts with '[' but is not a valid JSON array: {e}") from None
-    good, bad = [], []
-    for i, line in enumerate(text.split("\n"), start=1):
+    bad: list[dict] = []
+    return _table(_json_lines(text, bad)), bad
+
+
+def _json_lines(text: str, bad: list[dict]):
+    """(row, line) of each JSON line; blank lines are skipped, the rest go to ``bad`` with their reason."""
+    for i, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
             json.loads(line)
-            good.append((i, line))
+            yield i, line
         except json.JSONDecodeError as e:
             bad.append({"row": i, "stage": "parse", "reason": f"not JSON: {e}"})
-    return good, bad
+
+
+def _lines(text: str):
+    """``text.split("\\n")``, one line at a time."""
+    at = 0
+    while at <= len(text):
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        yield text[at:end]
+        at = end + 1
+
+
+def _table(pairs) -> pa.Table:
+    """(row, text) pairs as one Arrow table, converted a chunk at a time."""
+    chunks, rows, texts = [], [], []
+    for row, text in pairs:
+        rows.append(row)
+        texts.append(text)
+        if len(rows) == CHUNK:
+            chunks.append(pa.table({"row": rows, "text": texts}, schema=RECORDS))
+            rows, texts = [], []
+    chunks.append(pa.table({"row": rows, "text": texts}, schema=RECORDS))
+    return pa.concat_tables(chunks)
 
 
 def array_items(text: str):
