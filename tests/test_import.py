@@ -3,7 +3,7 @@ OpenAI messages and the project's own format, each with bad rows; a rerun is ide
 usual features job and a few steps of jobs/finetune.py on the imported dialogues. Then the edges:
 relative, ``~`` and ``file://`` paths; names that differ after a dot or collide; a rerun with a
 corrected media root; records of the wrong shape or type; BOM, U+2028 and non-UTF-8 sources; a JSON
-array manifest.
+array manifest; a source on S3 with media paths relative to it.
 
 Cost: five imports (two small actor pools each), one features run, 3 stage-2 steps. Measured only
 on a 2-core machine under load 25-33 from other jobs (Ray workers at nice 15): 18 min; a quiet
@@ -366,3 +366,27 @@ def test_manifest_languages_read_as_tags_and_another_language_is_refused(tmp_pat
     (tmp_path / "fr.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows, {"uri": "f.png", "caption": "rouge", "lang": "fr-FR"}]))
     with pytest.raises(ValueError, match=r"lang 'fr-FR' \(row 6\) is not one of \['en', 'ms'\]"):
         read_source(str(tmp_path / "fr.jsonl"), StorageConfig())
+
+
+def test_a_source_on_s3_resolves_relative_media_paths_against_its_own_prefix(ray_local, files, s3):
+    """LLaVA JSONL on S3 with paths relative to it, as a cluster user keeps data: the items are read
+    and hashed from S3, the manifest names them by s3:// uri (features from S3: test_pipelines.py),
+    and a missing one is an error row naming its uri."""
+    fs, _ = s3.filesystem("s3://mmm-test")
+    for name in ("img0.png", "img1.png", "clip0.wav"):
+        fs.pipe_file(f"mmm-test/llava/media/{name}", (files / "media" / name).read_bytes())
+    records = [{"id": "a", "image": "media/img0.png", "conversations": _conv("<image>\nColour?", "red")},
+               {"id": "b", "image": "media/img1.png", "audio": "media/clip0.wav", "conversations": _conv("<image>\n<audio>\nSame?", "no")},
+               {"id": "gone", "image": "media/nope.png", "conversations": _conv("<image>\nColour?", "red")}]
+    fs.pipe_file("mmm-test/llava/data.jsonl", "\n".join(json.dumps(r) for r in records).encode())
+    creds = [f"storage.endpoint_url={s3.endpoint_url}", "storage.key=testing", "storage.secret=testing"]
+    out = "s3://mmm-test/imported"
+    summary = import_job.main(["source=s3://mmm-test/llava/data.jsonl", "format=llava", f"out={out}", *creds, *QUIET])
+    assert summary["dialogues"] == 2 and summary["media"] == 3 and summary["errors_by_reason"] == {"missing_file": 1}, summary
+    manifest = pq.read_table("mmm-test/imported/import_manifest.parquet", filesystem=fs)
+    assert sorted(manifest["uri"].to_pylist()) == [f"s3://mmm-test/llava/media/{n}" for n in ("clip0.wav", "img0.png", "img1.png")]
+    errors = pq.read_table("mmm-test/imported/import_errors/data.parquet", filesystem=fs).to_pylist()
+    assert errors[0]["uri"] == "data.jsonl#row 3" and "s3://mmm-test/llava/media/nope.png" in errors[0]["reason"]
+    dialogues = pq.read_table("mmm-test/imported/dialogues", filesystem=fs).to_pylist()
+    sha = lambda p: hashlib.sha256((files / "media" / p).read_bytes()).hexdigest()  # noqa: E731
+    assert sorted(d["media_ids"] for d in dialogues) == sorted([[sha("img0.png")], [sha("img1.png"), sha("clip0.wav")]])
