@@ -193,6 +193,22 @@ def groups(spec: dict) -> list[tuple[str, dict]]:
     return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
 
 
+def test_kuberay_manifests_apply_side_by_side_in_one_namespace():
+    """KubeRay names a cluster's Services after its resource: ``NAME-head-svc`` for a RayCluster
+    and a RayService, ``NAME-serve-svc`` for a RayService (a RayJob's cluster gets a generated
+    suffix). Two resources of one name would fight over one Service."""
+    services = []
+    for file in KUBERAY:
+        doc = kuberay(file)
+        name = doc["metadata"]["name"]
+        services += {"RayCluster": [f"{name}-head-svc"], "RayService": [f"{name}-head-svc", f"{name}-serve-svc"],
+                     "RayJob": []}[doc["kind"]]
+    assert len(services) == len(set(services)), services
+    for file in KUBERAY:  # each manifest's own port-forward line names a Service it creates
+        for svc in re.findall(r"port-forward svc/([\w-]+)", (CLUSTER / "kuberay" / file).read_text()):
+            assert svc in services, (file, svc)
+
+
 @pytest.mark.parametrize("name", sorted(KUBERAY))
 def test_kuberay_kind_version_and_groups(name):
     doc = kuberay(name)
