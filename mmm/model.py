@@ -63,6 +63,12 @@ def check_context(config: ModelConfig, llm: nn.Module) -> None:
         )
 
 
+def labelled_tokens(inputs: dict) -> int:
+    """How many tokens ``MMMModel.forward``'s loss is the mean of, given its arguments: the labelled
+    next tokens. Training weighs micro-batches by it (training/loop.py, ``count_targets``)."""
+    return int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 class MMMModel(nn.Module):
     def __init__(self, config: ModelConfig, tokenizer, vision, audio, llm, phase: str = "init"):
         super().__init__()

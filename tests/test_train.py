@@ -101,11 +101,10 @@ def batches_by_modality(model, cfg, rows):
 
 
 def _hooks(make_batches):
-    from training.loop import TrainHooks
-    from mmm.packing import model_inputs
+    """The stages' own hooks with another way of making micro-batches."""
+    import dataclasses
 
-    return TrainHooks(build_model=stages.build_model, make_batches=make_batches, export=stages.export,
-                      model_inputs=model_inputs)
+    return dataclasses.replace(stages.hooks(), make_batches=make_batches)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------

@@ -358,3 +358,41 @@ def test_stage2_trains_the_lm_as_llm_says():
     assert llm_trains(load_config("finetune", overrides=["llm=full"])) is True
     cfg = load_config("finetune", overrides=["llm=lora", "lora.r=4"])
     assert llm_trains(cfg) is cfg.lora and cfg.lora.r == 4
+
+
+def test_micro_batches_weighted_by_their_labelled_tokens_give_one_large_batchs_gradient():
+    """Two micro-batches, one with a short answer and one with a long one: each one's mean loss
+    times its share (training/loop.py, ``_targets``), divided by the accumulation steps as
+    DeepSpeed's backward does, gives the gradient of one batch holding both rows. Equal weights,
+    a mean of means, would over-weigh the short answer's tokens."""
+    from mmm.config import preset
+    from mmm.model import MMMModel, labelled_tokens
+    from training.loop import _targets
+
+    torch.manual_seed(0)
+    model = MMMModel.build(preset("tiny"))
+    model.set_trainable(projectors=True, llm=True)
+    chats = [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}],
+             [{"role": "user", "content": "and then?"}, {"role": "assistant", "content": "a much longer answer of many words, one after another"}]]
+    rendered = [model.render(c, []) for c in chats]
+    width = max(len(r.input_ids) for r in rendered)
+    pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+    micro = [{"input_ids": torch.tensor([r.input_ids]), "labels": torch.tensor([r.labels])} for r in rendered]
+    large = {"input_ids": torch.tensor([pad(r.input_ids, 0) for r in rendered]),
+             "labels": torch.tensor([pad(r.labels, -100) for r in rendered]),
+             "attention_mask": torch.tensor([pad([1] * len(r.input_ids), 0) for r in rendered])}
+
+    def grads(losses) -> torch.Tensor:
+        model.zero_grad()
+        for loss in losses():
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    worker = SimpleNamespace(hooks=SimpleNamespace(count_targets=labelled_tokens), world=1, engine=SimpleNamespace(device="cpu"))
+    counts, scale = _targets(worker, micro)
+    assert counts[0] < counts[1] / 3 and scale == 2 / sum(counts)
+    one_batch = grads(lambda: [model(**large).loss])
+    weighted = grads(lambda: [model(**m).loss * (n * scale) / len(micro) for m, n in zip(micro, counts)])
+    equal = grads(lambda: [model(**m).loss / len(micro) for m in micro])
+    assert torch.allclose(weighted, one_batch, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(equal, one_batch, rtol=1e-2, atol=1e-5)

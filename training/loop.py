@@ -83,6 +83,11 @@ class TrainHooks:
     model_inputs: Callable[[Batch], Batch] | None = None
     """Picks the forward's keyword arguments out of a batch (e.g. mmm.packing.model_inputs drops
     ``num_tokens``/``rows``); None passes the whole batch."""
+    count_targets: Callable[[Batch], int] | None = None
+    """How many targets the forward's ``.loss`` is the mean of, from the forward's arguments (e.g.
+    mmm.model.labelled_tokens). With it, a step's gradient is the mean over every target of the
+    step, all micro-batches and ranks together, as one large batch gives: a micro-batch with few
+    labelled tokens no longer counts as much as one with many. None weighs micro-batches equally."""
 
 
 # ---- driver side ------------------------------------------------------------------------------
@@ -298,29 +303,31 @@ def _warn_changed(saved_config: str, cfg: TrainConfig) -> None:
 def _train(w: _Worker) -> None:
     cfg, engine = w.cfg, w.engine
     t = cfg.train
-    window = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, tokens, rows skipped since the last log
+    # target-weighted loss sum, targets, micro-batches, tokens, rows skipped since the last log
+    window = torch.zeros(5, dtype=torch.float64)
     window_start = time.time()
     for step in range(w.start_step + 1, t.max_steps + 1):
-        local = torch.zeros(4, dtype=torch.float64)
+        local = torch.zeros(5, dtype=torch.float64)
         lr = float(engine.get_lr()[0])  # this step's: engine.step() moves the schedule on to the next
-        for _ in range(t.grad_accum):
-            batch = w.batches.next()
-            inputs = w.hooks.model_inputs(batch) if w.hooks.model_inputs else batch
-            loss = engine(**_to_device(inputs, engine.device, torch.bfloat16 if engine.bfloat16_enabled() else None)).loss
-            engine.backward(loss)
+        batches = [w.batches.next() for _ in range(t.grad_accum)]
+        inputs = [w.hooks.model_inputs(b) if w.hooks.model_inputs else b for b in batches]
+        targets, scale = _targets(w, inputs)
+        for batch, kwargs, n in zip(batches, inputs, targets):
+            loss = engine(**_to_device(kwargs, engine.device, torch.bfloat16 if engine.bfloat16_enabled() else None)).loss
+            engine.backward(loss * (n * scale) if scale is not None else loss)
             engine.step()
-            local += torch.tensor([float(loss.detach()), 1.0, float(w.hooks.count_tokens(batch)),
+            local += torch.tensor([float(loss.detach()) * n, n, 1.0, float(w.hooks.count_tokens(batch)),
                                    float(batch.get("skipped_rows", 0))], dtype=torch.float64)
         window += _all_reduce_sum(local, w.world, engine.device)
-        metrics = {"loss": float(window[0] / window[1]), "lr": lr, "epoch": w.batches.epoch}
+        metrics = {"loss": float(window[0] / max(float(window[1]), 1e-9)), "lr": lr, "epoch": w.batches.epoch}
         w.bar.log(step, metrics)
         checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
         if checkpoint:
             metrics["param_norm"] = _param_norm(engine.module)
         if step % t.log_every == 0 or checkpoint:
             elapsed = time.time() - window_start
-            metrics.update(tokens_per_s=float(window[2]) / max(elapsed, 1e-9), steps_per_s=_steps(window, w) / max(elapsed, 1e-9),
-                           skipped_rows=int(window[3]))
+            metrics.update(tokens_per_s=float(window[3]) / max(elapsed, 1e-9), steps_per_s=_steps(window, w) / max(elapsed, 1e-9),
+                           skipped_rows=int(window[4]))
             w.records.log(step, metrics)
             window.zero_()
             window_start = time.time()
@@ -336,7 +343,19 @@ def _param_norm(module: torch.nn.Module) -> float:
 
 
 def _steps(window: torch.Tensor, w: _Worker) -> float:
-    return float(window[1]) / (w.world * w.cfg.train.grad_accum)
+    return float(window[2]) / (w.world * w.cfg.train.grad_accum)
+
+
+def _targets(w: _Worker, inputs: list[Batch]) -> tuple[list[float], float | None]:
+    """Each micro-batch's number of targets (1 each without ``count_targets``), and the factor
+    that turns a micro-batch's mean loss times its targets into its share of the step's mean over
+    all targets of all ranks. DeepSpeed divides each backward's loss by the accumulation steps and
+    averages gradients over ranks, so the factor multiplies both back in (None: plain means)."""
+    if w.hooks.count_targets is None:
+        return [1.0] * len(inputs), None
+    counts = [float(w.hooks.count_targets(kwargs)) for kwargs in inputs]
+    total = float(_all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), w.world, w.engine.device)[0])
+    return counts, len(inputs) * w.world / max(total, 1.0)
 
 
 def _checkpoint(w: _Worker, step: int, metrics: dict[str, float]) -> None:

@@ -187,9 +187,11 @@ def export(model, path: str, cfg: TrainConfig) -> None:
 
 
 def hooks() -> TrainHooks:
+    from mmm.model import labelled_tokens
     from mmm.packing import model_inputs
 
-    return TrainHooks(build_model=build_model, make_batches=rows.packed_batches, export=export, model_inputs=model_inputs)
+    return TrainHooks(build_model=build_model, make_batches=rows.packed_batches, export=export, model_inputs=model_inputs,
+                      count_targets=labelled_tokens)
 
 
 # ---- the job ---------------------------------------------------------------------------------------
