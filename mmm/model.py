@@ -63,10 +63,16 @@ def check_context(config: ModelConfig, llm: nn.Module) -> None:
         )
 
 
+def labelled_next_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) labels -> (B, L-1) mask of the positions whose next token is labelled: what
+    ``MMMModel.forward``'s loss is the mean over (token t predicts t+1)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def labelled_tokens(inputs: dict) -> int:
-    """How many tokens ``MMMModel.forward``'s loss is the mean of, given its arguments: the labelled
-    next tokens. Training weighs micro-batches by it (training/loop.py, ``count_targets``)."""
-    return int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """How many tokens ``MMMModel.forward``'s loss is the mean of, given its arguments. Training
+    weighs micro-batches by it (training/loop.py, ``count_targets``)."""
+    return int(labelled_next_tokens(inputs["labels"]).sum())
 
 
 class MMMModel(nn.Module):
@@ -213,7 +219,7 @@ class MMMModel(nn.Module):
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                                         use_cache=False).last_hidden_state  # (B, L, D)
         target = labels[:, 1:]  # (B, L-1): token t predicts t+1
-        keep = target != IGNORE_INDEX
+        keep = labelled_next_tokens(labels)
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
         if not keep.any():
             return SimpleNamespace(loss=logits.float().sum() * 0.0)

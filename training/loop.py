@@ -314,7 +314,7 @@ def _train(w: _Worker) -> None:
         targets, scale = _targets(w, inputs)
         for batch, kwargs, n in zip(batches, inputs, targets):
             loss = engine(**_to_device(kwargs, engine.device, torch.bfloat16 if engine.bfloat16_enabled() else None)).loss
-            engine.backward(loss * (n * scale) if scale is not None else loss)
+            engine.backward(loss * (n * scale))
             engine.step()
             local += torch.tensor([float(loss.detach()) * n, n, 1.0, float(w.hooks.count_tokens(batch)),
                                    float(batch.get("skipped_rows", 0))], dtype=torch.float64)
@@ -346,13 +346,13 @@ def _steps(window: torch.Tensor, w: _Worker) -> float:
     return float(window[2]) / (w.world * w.cfg.train.grad_accum)
 
 
-def _targets(w: _Worker, inputs: list[Batch]) -> tuple[list[float], float | None]:
-    """Each micro-batch's number of targets (1 each without ``count_targets``), and the factor
-    that turns a micro-batch's mean loss times its targets into its share of the step's mean over
-    all targets of all ranks. DeepSpeed divides each backward's loss by the accumulation steps and
-    averages gradients over ranks, so the factor multiplies both back in (None: plain means)."""
+def _targets(w: _Worker, inputs: list[Batch]) -> tuple[list[float], float]:
+    """Each micro-batch's number of targets, and the factor that turns a micro-batch's mean loss
+    times its targets into its share of the step's mean over all targets of all ranks. DeepSpeed
+    divides each backward's loss by the accumulation steps and averages gradients over ranks, so
+    the factor multiplies both back in. Without ``count_targets``: 1 and 1, the plain means."""
     if w.hooks.count_targets is None:
-        return [1.0] * len(inputs), None
+        return [1.0] * len(inputs), 1.0
     counts = [float(w.hooks.count_targets(kwargs)) for kwargs in inputs]
     total = float(_all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64), w.world, w.engine.device)[0])
     return counts, len(inputs) * w.world / max(total, 1.0)
