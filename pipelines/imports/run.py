@@ -200,9 +200,10 @@ def modality_hints(parsed: pa.Table) -> dict[str, str | None]:
     """uri -> the modality every record uses it as; None where records disagree, so the file's own
     extension or bytes decide and only the records that misuse it fail (not every record naming it)."""
     uses: dict[str, set[str]] = {}
-    for p in parsed_records(parsed):
-        for m in p["record"]["media"] if p["record"] else []:
-            uses.setdefault(m["uri"], set()).add(m["modality"])
+    for chunk in parsed["record"].chunks:  # any order does: no sort, unlike parsed_records
+        for record in chunk.to_pylist():
+            for m in json.loads(record)["media"] if record else []:
+                uses.setdefault(m["uri"], set()).add(m["modality"])
     return {uri: next(iter(kinds)) if len(kinds) == 1 else None for uri, kinds in uses.items()}
 
 

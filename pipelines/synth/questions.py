@@ -114,10 +114,10 @@ def which(items: list[Item], lang: str, rng: random.Random, labels: list[str]):
         if unique:
             v = rng.choice(unique)
             value = things(kind, v, lang) if attr == "count" else word(v, lang)
-            match = items[values.index(v)]
-            others = frozenset((it.media_id, attr) for it in items if it is not match)
-            found = frozenset({(match.media_id, attr)})
-            return QA(template(WHICH[kind][attr], lang).format(value=value), labels[values.index(v)], found, (found, others))
+            at = values.index(v)
+            others = frozenset((it.media_id, attr) for k, it in enumerate(items) if k != at)
+            found = frozenset({(items[at].media_id, attr)})
+            return QA(template(WHICH[kind][attr], lang).format(value=value), labels[at], found, (found, others))
     return None
 
 
