@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -341,6 +342,35 @@ def test_stage2_replays_stage1_pairs_among_its_dialogues(stage1, work):
         empty = work / "no_captions.parquet"
         pq.write_table(pq.read_table(cfg.data.media).slice(0, 0), empty)
         rows_mod.train_rows(replace(cfg, data=replace(cfg.data, media=str(empty))))
+
+
+def test_training_rows_are_shuffled_over_the_whole_split_whatever_order_the_files_hold(stage1, work):
+    """Image dialogues in one file and audio ones in the next, as sorted user data or one import
+    beside the synthesized files arrive: the rows a step takes from the front are of both, in one
+    order per seed."""
+    from dataclasses import replace
+
+    root = work / "data_sorted"
+    if not root.exists():
+        (root / "dialogues").mkdir(parents=True)
+        for name in ("features", "media.parquet"):
+            (root / name).symlink_to(work / "data" / name)
+        table = pq.read_table(work / "data" / "dialogues")
+        images = pc.is_in(table["kind"], pa.array(IMAGE_KINDS))
+        pq.write_table(table.filter(images), root / "dialogues" / "part-0.parquet")
+        pq.write_table(table.filter(pc.invert(images)), root / "dialogues" / "part-1.parquet")
+    cfg, _, _ = stages.parse_args("finetune", [*_args(work, "finetune", 1, 1, data=root), f"model.init={stage1.final}"], "")
+    cfg = stages.absolute_paths(cfg)
+    rows = rows_mod.train_rows(cfg)
+    split = rows_mod.read_dialogues(cfg, "train")
+    assert sorted(rows["dialogue_id"].to_pylist()) == sorted(split["dialogue_id"].to_pylist())
+    front = rows["kind"].to_pylist()[: rows.num_rows // 4]
+    share = sum(k in IMAGE_KINDS for k in front) / len(front)
+    overall = sum(k in IMAGE_KINDS for k in rows["kind"].to_pylist()) / rows.num_rows
+    assert abs(share - overall) < 0.2, f"the first quarter holds {share:.0%} image dialogues, the split {overall:.0%}"
+    assert rows_mod.train_rows(cfg).equals(rows), "one seed, one order"
+    reseeded = rows_mod.train_rows(replace(cfg, train=replace(cfg.train, seed=1)))
+    assert reseeded["dialogue_id"].to_pylist() != rows["dialogue_id"].to_pylist()
 
 
 def test_stage1_pins_local_checkpoints_as_absolute_paths_for_the_workers(tmp_path, monkeypatch):

@@ -313,24 +313,6 @@ def test_deepspeed_config_is_derived_from_the_typed_config(monkeypatch):
     assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0) and f(9) < f(5) < f(4)
 
 
-def test_compat_ray_data_still_sizes_its_parquet_footer_pool_from_the_environment(monkeypatch):
-    """training/compat.py sets the footer-reader pool of Ray Data's Parquet reader through an
-    environment variable read on the driver; this fails when upstream renames it or reads it elsewhere."""
-    import importlib
-    import inspect
-
-    from training import compat
-
-    module = importlib.import_module("ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer")
-    assert f'"{compat.FOOTER_ACTORS_ENV}"' in inspect.getsource(module.FooterFileIndexer.__init__)
-    monkeypatch.delenv(compat.FOOTER_ACTORS_ENV, raising=False)
-    compat.few_parquet_footer_readers()
-    assert module.FooterFileIndexer(ignore_missing_paths=False)._num_actors == 1
-    monkeypatch.setenv(compat.FOOTER_ACTORS_ENV, "4")  # the user's own setting wins
-    compat.few_parquet_footer_readers()
-    assert module.FooterFileIndexer(ignore_missing_paths=False)._num_actors == 4
-
-
 def test_compat_deepspeed_still_builds_its_shm_op_where_training_skips_it():
     """training/compat.py replaces DeepSpeed's CPU shm-op builder; this fails when upstream moves it,
     stops calling it from the backend, or stops treating None as "use torch.distributed"."""

@@ -8,18 +8,11 @@
   builder returns None. DeepSpeed offers no switch for this (its ``DS_BUILD_SHM_COMM=0`` only
   governs ahead-of-time builds), so CPU training replaces the module-level builder. Upstream:
   deepspeedai/DeepSpeed, ``deepspeed/comm/torch.py::build_shm_op`` (no issue tracks an opt-out).
-
-* Ray Data's Parquet reader (``ray/data/_internal/datasource_v2/formats/parquet/
-  footer_file_indexer.py``, ``FooterFileIndexer``) starts a pool of 32 footer-reader actors for
-  every ``read_parquet``, whatever the number of files: ~15 s of process start-up per stage-2 run
-  on 2 cores (docs/PERFORMANCE.md, "Parquet reads"). Its only setting is an environment variable,
-  read on the driver when the read is planned. Upstream: ray-project/ray #65273 added the pool.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
 SHM_MODULE = "deepspeed.comm.torch"
 SHM_BUILDER = "build_shm_op"
@@ -35,10 +28,3 @@ def skip_shm_comm_build() -> None:
                            "revisit training/compat.py")
     setattr(module, SHM_BUILDER, lambda: None)
 
-
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-
-
-def few_parquet_footer_readers() -> None:
-    """One footer-reader actor (it reads 128 footers at a time), unless the environment sets its own."""
-    os.environ.setdefault(FOOTER_ACTORS_ENV, "1")

@@ -3,8 +3,8 @@
     ds = train_dataset(cfg)                       # driver: a Ray Dataset of dialogue rows (no tensors)
     batches = packed_batches(model, cfg, rows)    # worker: rows -> features -> render -> collate_packed
 
-The dialogue Parquet (or, for stage 1, the media table's caption/transcript pairs as one-turn
-dialogues) streams through Ray Data, sharded per worker. Each worker loads once the features
+The driver reads the split's dialogues (or, for stage 1, the media table's caption/transcript pairs
+as one-turn dialogues), shuffles them whole, and Ray Data splits them between the workers. Each worker loads once the features
 its split needs into an in-memory ``media_id -> tensor`` index (fp16, as stored; the projector's
 FeatureNorm standardises in fp32) and renders every row with ``model.render(messages, features)``.
 
@@ -98,48 +98,39 @@ def _read_table(cfg: TrainConfig, uri: str | None, unset: str, missing: str) -> 
 
 
 def train_rows(cfg: TrainConfig) -> pa.Table:
-    """Every training row of the stage as one table (small: text only, no tensors)."""
+    """Every training row of the stage as one table (small: text only, no tensors), shuffled over
+    the whole split with ``train.seed``. Files arrive in name order and a user's own data is often
+    sorted (an import keeps its source's order, a LLaVA mix is concatenated by source), and a
+    worker's local shuffle buffer only reorders a few hundred neighbouring rows."""
+    rng = np.random.default_rng(cfg.train.seed)
     if cfg.stage == "pretrain":
-        return pa.Table.from_pylist(caption_rows(read_media(cfg)))
-    dialogues = read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
-    return with_replay(dialogues, cfg) if cfg.data.replay > 0 else dialogues
+        rows = pa.Table.from_pylist(caption_rows(read_media(cfg)))
+    else:
+        rows = read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
+        if cfg.data.replay > 0:
+            rows = pa.concat_tables([rows, replayed_pairs(rows, cfg, rng)])
+    return rows.take(rng.permutation(rows.num_rows))
 
 
-def with_replay(dialogues: pa.Table, cfg: TrainConfig) -> pa.Table:
-    """``dialogues`` and ``data.replay`` x as many stage-1 pairs, drawn without replacement, shuffled
-    together (seeded by ``train.seed``) so every stretch of an epoch holds both."""
+def replayed_pairs(dialogues: pa.Table, cfg: TrainConfig, rng: np.random.Generator) -> pa.Table:
+    """``data.replay`` x as many stage-1 pairs as ``dialogues``, drawn without replacement."""
     pairs = caption_rows(read_media(cfg))
     if not pairs:
         raise ValueError(f"data.replay={cfg.data.replay} but {cfg.data.media} has no caption or transcript")
-    rng = np.random.default_rng(cfg.train.seed)
     wanted = round(cfg.data.replay * dialogues.num_rows)
     count = min(len(pairs), wanted)
     if count < wanted:
         log.warning("data.replay=%s asks for %d stage-1 pairs, the data has %d: all of them are replayed (%.2f a dialogue)",
                     cfg.data.replay, wanted, count, count / dialogues.num_rows)
-    chosen = pa.Table.from_pylist([pairs[i] for i in rng.choice(len(pairs), count, replace=False)],
-                                  schema=dialogues.schema)
-    both = pa.concat_tables([dialogues, chosen])
-    return both.take(rng.permutation(both.num_rows))
+    return pa.Table.from_pylist([pairs[i] for i in rng.choice(len(pairs), count, replace=False)], schema=dialogues.schema)
 
 
 def train_dataset(cfg: TrainConfig):
-    """The Ray Dataset handed to ``fit``: stage 1's caption rows, or stage 2's dialogues streamed
-    from Parquet (filtered to ``data.split``) so each worker reads only its shard; with
-    ``data.replay``, stage 2's dialogues and replayed pairs as one table read on the driver."""
+    """The Ray Dataset handed to ``fit``: the shuffled rows of :func:`train_rows`, split between the
+    workers by Ray Train. The driver reads them whole anyway, to check their media have features."""
     import ray
-    from ray.data.expressions import col
 
-    if cfg.stage == "pretrain" or cfg.data.replay > 0:  # one small table, shuffled on the driver
-        return ray.data.from_arrow(train_rows(cfg))
-    from training.compat import few_parquet_footer_readers
-    from training.storage import resolve
-
-    fs, path = resolve(cfg.data.dialogues, cfg.run.s3_endpoint)
-    few_parquet_footer_readers()
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns([*ROW_COLUMNS, "split"])
-    split = cfg.data.split
-    return ds.filter(expr=col("split") == split).drop_columns(["split"])
+    return ray.data.from_arrow(train_rows(cfg))
 
 
 # ---- worker side: the feature index ---------------------------------------------------------
