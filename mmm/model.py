@@ -20,7 +20,7 @@ from .attention import PACKED_SDPA, register as register_attention
 from .chat import IGNORE_INDEX, PlaceholderMismatchError, Rendered, render
 from .config import ModelConfig
 from .encoders import build_encoders
-from .lora import LoraSettings, add_lora
+from .lora import LoraSettings, add_lora, merged
 from .pretrained import load_pretrained
 from .projectors import AudioProjector, ItemOrdinals, VisionProjector
 from .schema import AUDIO, IMAGE, MODALITIES
@@ -132,6 +132,11 @@ class MMMModel(nn.Module):
             self.llm = add_lora(self.llm, llm, mmm_token_ids(self.tokenizer))
         else:
             self.llm.requires_grad_(bool(llm))
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters and trained token rows into the LM's own weights, for good: what the end
+        of training does before it saves, where a merged copy would hold the LM twice."""
+        self.llm = merged(self.llm, keep_adapters=False)
 
     def projector_parts(self) -> dict[str, nn.Module]:
         """What stage 1 trains and the checkpoint keeps beside the LM, by attribute name."""

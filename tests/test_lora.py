@@ -119,3 +119,30 @@ def test_a_lora_model_saves_merged_and_serves_the_same_answers(pretrained_lm, tm
     with torch.no_grad():
         assert served.generate(prompt, audio_features=feats, max_new_tokens=6) == expected
         assert float(served(**batch).loss) == pytest.approx(loss, rel=1e-4)
+
+
+def test_merging_in_place_keeps_the_answers_and_holds_no_second_lm(pretrained_lm, tmp_path):
+    """The end of training folds the adapters into the LM's own weights: the same answers, the
+    base LM's own parameter tensors, and a save that needs no merged copy."""
+    model = _model(pretrained_lm[0])
+    model.set_trainable(projectors=True, llm=LoraSettings(r=4, alpha=8))
+    _train(model)
+    batch = _batch(model)
+    prompt = batch["input_ids"][0][: int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) + 1]
+    feats = batch["audio_features"][:1]
+    base = {k: v.data_ptr() for k, v in model.llm.get_base_model().named_parameters() if "lora_" not in k}
+    with torch.no_grad():
+        expected, loss = model.generate(prompt, audio_features=feats, max_new_tokens=6), float(model(**batch).loss)
+    model.merge_lora()
+    assert not hasattr(model.llm, "peft_config")
+    # peft writes the trained token rows into a new embedding matrix (and a new head, untied); every
+    # other weight takes its adapter's update in place
+    own = {(k.replace(".base_layer", ""), p) for k, p in base.items()}
+    rows = {"model.embed_tokens.weight", "lm_head.weight"}
+    merged = {(k, v.data_ptr()) for k, v in model.llm.named_parameters() if k not in rows}
+    assert merged and merged <= own, "each adapted weight is the base LM's own tensor"
+    model.save_pretrained(str(tmp_path), phase="stage2")
+    for m in (model, MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2").eval()):
+        with torch.no_grad():
+            assert m.generate(prompt, audio_features=feats, max_new_tokens=6) == expected
+            assert float(m(**batch).loss) == pytest.approx(loss, rel=1e-4)

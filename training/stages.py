@@ -181,6 +181,7 @@ def export(model, path: str, cfg: TrainConfig) -> None:
         # a CPU run's checkpoint is read by CPU evaluation, stage 2 and serving, which compute in
         # fp32: the bf16 copy DeepSpeed trained goes back to fp32 (GPU runs keep bf16: half the bytes)
         model.float()
+    model.merge_lora()  # training is over: the adapters go into the LM's own weights, not into a copy
     model.eval().save_pretrained(final, phase=PHASE[cfg.stage])
     with open(os.path.join(final, "train_config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
