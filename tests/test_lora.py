@@ -100,39 +100,41 @@ def test_without_token_training_the_new_rows_stay_as_initialised(pretrained_lm):
     assert torch.equal(model.llm.get_input_embeddings().weight[new].detach(), before)
 
 
-def test_a_lora_model_saves_merged_and_serves_the_same_answers(pretrained_lm, tmp_path):
-    model = _model(pretrained_lm[0])
+def _trained_lora(path: str) -> tuple[MMMModel, dict]:
+    model = _model(path)
     model.set_trainable(projectors=True, llm=LoraSettings(r=4, alpha=8))
     _train(model)
-    batch = _batch(model)
+    return model, _batch(model)
+
+
+def _answers(model: MMMModel, batch: dict) -> tuple[list[int], float]:
+    """The greedy answer to the batch's first prompt, and the batch's loss."""
     prompt = batch["input_ids"][0][: int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) + 1]
-    feats = batch["audio_features"][:1]
     with torch.no_grad():
-        expected = model.generate(prompt, audio_features=feats, max_new_tokens=6)
-        loss = float(model(**batch).loss)
+        return model.generate(prompt, audio_features=batch["audio_features"][:1], max_new_tokens=6), float(model(**batch).loss)
+
+
+def _same(got: tuple[list[int], float], expected: tuple[list[int], float]) -> None:
+    assert got[0] == expected[0] and got[1] == pytest.approx(expected[1], rel=1e-4)
+
+
+def test_a_lora_model_saves_merged_and_serves_the_same_answers(pretrained_lm, tmp_path):
+    model, batch = _trained_lora(pretrained_lm[0])
+    expected = _answers(model, batch)
     model.save_pretrained(str(tmp_path), phase="stage2")
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llm"))  # merged: no peft needed
     assert not any("lora" in k or "trainable_tokens" in k for k in plain.state_dict())
-    served = MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2").eval()
-    with torch.no_grad():
-        assert served.generate(prompt, audio_features=feats, max_new_tokens=6) == expected
-        assert float(served(**batch).loss) == pytest.approx(loss, rel=1e-4)
+    _same(_answers(MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2").eval(), batch), expected)
 
 
 def test_merging_in_place_keeps_the_answers_and_holds_no_second_lm(pretrained_lm, tmp_path):
     """The end of training folds the adapters into the LM's own weights: the same answers, the
     base LM's own parameter tensors, and a save that needs no merged copy."""
-    model = _model(pretrained_lm[0])
-    model.set_trainable(projectors=True, llm=LoraSettings(r=4, alpha=8))
-    _train(model)
-    batch = _batch(model)
-    prompt = batch["input_ids"][0][: int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0]) + 1]
-    feats = batch["audio_features"][:1]
+    model, batch = _trained_lora(pretrained_lm[0])
+    expected = _answers(model, batch)
     base = {k: v.data_ptr() for k, v in model.llm.get_base_model().named_parameters() if "lora_" not in k}
-    with torch.no_grad():
-        expected, loss = model.generate(prompt, audio_features=feats, max_new_tokens=6), float(model(**batch).loss)
     model.merge_lora()
     assert not hasattr(model.llm, "peft_config")
     # peft writes the trained token rows into a new embedding matrix (and a new head, untied); every
@@ -141,8 +143,6 @@ def test_merging_in_place_keeps_the_answers_and_holds_no_second_lm(pretrained_lm
     rows = {"model.embed_tokens.weight", "lm_head.weight"}
     merged = {(k, v.data_ptr()) for k, v in model.llm.named_parameters() if k not in rows}
     assert merged and merged <= own, "each adapted weight is the base LM's own tensor"
+    _same(_answers(model, batch), expected)
     model.save_pretrained(str(tmp_path), phase="stage2")
-    for m in (model, MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2").eval()):
-        with torch.no_grad():
-            assert m.generate(prompt, audio_features=feats, max_new_tokens=6) == expected
-            assert float(m(**batch).loss) == pytest.approx(loss, rel=1e-4)
+    _same(_answers(MMMModel.from_pretrained(str(tmp_path), expect_phase="stage2").eval(), batch), expected)
