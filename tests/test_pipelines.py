@@ -409,6 +409,34 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
 
 
+def test_s3_media_are_read_with_one_ranged_get_each_and_too_large_ones_refused(s3, monkeypatch):
+    """No HEAD before each GET: a file is read up to one byte past the limit, and that byte says it
+    is too large. Only an object the range read fails on (an empty one) is looked at again."""
+    import dataclasses
+
+    import pyarrow as pa
+    import s3fs
+
+    from mmm.media import MediaLimits
+    from pipelines.ingest import ReadBytes
+
+    fs, _ = s3.filesystem("s3://mmm-test")
+    for name, size in (("ok", 1000), ("exact", 2048), ("big", 3000), ("empty", 0)):
+        fs.pipe_file(f"mmm-test/reads/{name}.png", b"x" * size)
+    looked_up = []
+    info = s3fs.S3FileSystem._info
+    monkeypatch.setattr(s3fs.S3FileSystem, "_info", lambda self, path, **kw: looked_up.append(path) or info(self, path, **kw))
+    read = ReadBytes(s3, dataclasses.replace(MediaLimits(), max_image_bytes=2048, max_audio_bytes=1024))
+    names = ["ok", "exact", "big", "missing", "empty"]
+    got = read(pa.table({"uri": [f"s3://mmm-test/reads/{n}.png" for n in names], "modality": [IMAGE] * len(names)}))
+    rows = dict(zip(names, got.select(["num_bytes", "error"]).to_pylist()))
+    assert rows["ok"] == {"num_bytes": 1000, "error": None} and rows["exact"] == {"num_bytes": 2048, "error": None}
+    assert "larger than any media item may be" in rows["big"]["error"] and rows["big"]["num_bytes"] is None
+    assert "FileNotFoundError" in rows["missing"]["error"]
+    assert rows["empty"]["num_bytes"] == 0
+    assert all(p.endswith("empty.png") for p in looked_up), looked_up
+
+
 def test_s3_round_trip_ingest_features_synthesis(ray_local, s3):
     from pipelines.ingest import read_source
 
