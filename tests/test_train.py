@@ -12,6 +12,7 @@ stage 2 again, which must train the same model. Then jobs/evaluate.py on the sta
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -347,7 +348,7 @@ def test_stage2_replays_stage1_pairs_among_its_dialogues(stage1, work):
 def test_training_rows_are_shuffled_over_the_whole_split_whatever_order_the_files_hold(stage1, work):
     """Image dialogues in one file and audio ones in the next, as sorted user data or one import
     beside the synthesized files arrive: the rows a step takes from the front are of both, in one
-    order per seed."""
+    order per seed. Stage 1 shuffles items, each with its captions in both languages."""
     from dataclasses import replace
 
     root = work / "data_sorted"
@@ -371,6 +372,13 @@ def test_training_rows_are_shuffled_over_the_whole_split_whatever_order_the_file
     assert rows_mod.train_rows(cfg).equals(rows), "one seed, one order"
     reseeded = rows_mod.train_rows(replace(cfg, train=replace(cfg.train, seed=1)))
     assert reseeded["dialogue_id"].to_pylist() != rows["dialogue_id"].to_pylist()
+    pretrain, _, _ = stages.parse_args("pretrain", _args(work, "pretrain", 1, 1, data=root), "")
+    pretrain = stages.absolute_paths(pretrain)
+    items = [ids[0] for ids in rows_mod.train_rows(pretrain)["media_ids"].to_pylist()]
+    runs = [item for item, _ in itertools.groupby(items)]
+    assert len(runs) == len(set(items)), "stage 1 keeps an item's captions in each language side by side"
+    as_stored = dict.fromkeys(r["media_ids"][0] for r in rows_mod.caption_rows(rows_mod.read_media(pretrain)))
+    assert runs != list(as_stored), "and shuffles the items"
 
 
 def test_stage1_pins_local_checkpoints_as_absolute_paths_for_the_workers(tmp_path, monkeypatch):

@@ -104,12 +104,21 @@ def train_rows(cfg: TrainConfig) -> pa.Table:
     worker's local shuffle buffer only reorders a few hundred neighbouring rows."""
     rng = np.random.default_rng(cfg.train.seed)
     if cfg.stage == "pretrain":
+        # an item's caption or transcript in each language stay side by side, so the steps that align
+        # its features do so with both languages' text (docs/DATA.md, "Training order")
         rows = pa.Table.from_pylist(caption_rows(read_media(cfg)))
-    else:
-        rows = read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
-        if cfg.data.replay > 0:
-            rows = pa.concat_tables([rows, replayed_pairs(rows, cfg, rng)])
+        return rows.take(permutation_of_groups(pc.list_element(rows["media_ids"], 0), rng))
+    rows = read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
+    if cfg.data.replay > 0:
+        rows = pa.concat_tables([rows, replayed_pairs(rows, cfg, rng)])
     return rows.take(rng.permutation(rows.num_rows))
+
+
+def permutation_of_groups(keys: pa.Array, rng: np.random.Generator) -> np.ndarray:
+    """Row indices in a random order of the distinct ``keys``, the rows of one key together."""
+    _, group = np.unique(keys.to_numpy(zero_copy_only=False), return_inverse=True)
+    rank = rng.permutation(group.max() + 1 if len(group) else 0)
+    return np.argsort(rank[group], kind="stable")
 
 
 def replayed_pairs(dialogues: pa.Table, cfg: TrainConfig, rng: np.random.Generator) -> pa.Table:
