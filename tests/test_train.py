@@ -339,10 +339,12 @@ def test_stage2_replays_stage1_pairs_among_its_dialogues(stage1, work):
     assert len(replayed) == round(0.25 * dialogues.num_rows) and len(mixed) == dialogues.num_rows + len(replayed)
     assert replayed[0] < len(mixed) // 4 and replayed[-1] > 3 * len(mixed) // 4, "replayed pairs are spread out"
     assert {m for i in replayed for m in mixed[i]["media_ids"]} <= rows_mod.train_media_ids(cfg)
-    with pytest.raises(ValueError, match="data.replay=0.25 but .* has no caption or transcript"):
+    with pytest.raises(ValueError, match="has no caption or transcript, and data.replay=0.25 replays them"):
         empty = work / "no_captions.parquet"
         pq.write_table(pq.read_table(cfg.data.media).slice(0, 0), empty)
         rows_mod.train_rows(replace(cfg, data=replace(cfg.data, media=str(empty))))
+    with pytest.raises(ValueError, match="has no caption or transcript, and stage 1 trains on them"):
+        rows_mod.train_rows(replace(cfg, stage="pretrain", llm="frozen", data=replace(cfg.data, media=str(empty))))
 
 
 def test_training_rows_are_shuffled_over_the_whole_split_whatever_order_the_files_hold(stage1, work):

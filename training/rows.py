@@ -106,7 +106,7 @@ def train_rows(cfg: TrainConfig) -> pa.Table:
     if cfg.stage == "pretrain":
         # an item's caption or transcript in each language stay side by side, so the steps that align
         # its features do so with both languages' text (docs/DATA.md, "Training order")
-        rows = pa.Table.from_pylist(caption_rows(read_media(cfg)))
+        rows = pa.Table.from_pylist(stage1_pairs(cfg, "stage 1 trains on them"))
         return rows.take(permutation_of_groups(pc.list_element(rows["media_ids"], 0), rng))
     rows = read_dialogues(cfg, cfg.data.split).select(list(ROW_COLUMNS))
     if cfg.data.replay > 0:
@@ -121,11 +121,16 @@ def permutation_of_groups(keys: pa.Array, rng: np.random.Generator) -> np.ndarra
     return np.argsort(rank[group], kind="stable")
 
 
-def replayed_pairs(dialogues: pa.Table, cfg: TrainConfig, rng: np.random.Generator) -> pa.Table:
-    """``data.replay`` x as many stage-1 pairs as ``dialogues``, drawn without replacement."""
+def stage1_pairs(cfg: TrainConfig, needed_because: str) -> list[dict]:
     pairs = caption_rows(read_media(cfg))
     if not pairs:
-        raise ValueError(f"data.replay={cfg.data.replay} but {cfg.data.media} has no caption or transcript")
+        raise ValueError(f"{cfg.data.media} has no caption or transcript, and {needed_because}")
+    return pairs
+
+
+def replayed_pairs(dialogues: pa.Table, cfg: TrainConfig, rng: np.random.Generator) -> pa.Table:
+    """``data.replay`` x as many stage-1 pairs as ``dialogues``, drawn without replacement."""
+    pairs = stage1_pairs(cfg, f"data.replay={cfg.data.replay} replays them")
     wanted = round(cfg.data.replay * dialogues.num_rows)
     count = min(len(pairs), wanted)
     if count < wanted:
