@@ -19,7 +19,6 @@ and (after :mod:`pipelines.features`) the features.
 from __future__ import annotations
 
 import codecs
-import functools
 import json
 import os
 import posixpath
@@ -171,11 +170,11 @@ class ReadBytes:
         self.max_bytes = max(limits.max_image_bytes, limits.max_audio_bytes)
         self.filesystems: dict[bool, tuple] = {}
 
-    def _open(self, uri: str):
+    def _filesystem(self, uri: str):
         remote = uri.startswith("s3://")
         if remote not in self.filesystems:
             self.filesystems[remote] = self.storage.filesystem(uri)[0]
-        return self.filesystems[remote], _path(uri)
+        return self.filesystems[remote]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Column-wise, as Decode and EncodeMedia: no per-row dicts.
@@ -195,8 +194,8 @@ class ReadBytes:
     def _read_all(self, uris: list[str]) -> list[bytes | Exception]:
         """Each uri's bytes, or why it could not be read (missing file, permissions, network: the
         run goes on). Local files are opened one by one; remote ones are fetched together, a single
-        ranged GET each, which s3fs sends concurrently: a HEAD then a GET per object, one object
-        after another, left an S3 ingest waiting on round trips (docs/DATA.md, "Reading from S3")."""
+        ranged GET each, which s3fs sends concurrently, so a batch waits out S3's round trip about
+        once instead of twice an item (docs/DATA.md, "Reading from S3")."""
         got: list[bytes | Exception | None] = [None] * len(uris)
         remote: dict[bool, list[int]] = {}
         for i, uri in enumerate(uris):
@@ -221,7 +220,7 @@ class ReadBytes:
         """One ranged read of ``max_bytes + 1`` per object: a longer answer means a file too large,
         found without reading the rest. An object the ranged read failed on (an empty one cannot
         be addressed by a range) is read again the plain way, for an error that says what it is."""
-        fs, _ = self._open(uris[0])
+        fs = self._filesystem(uris[0])
         paths = [_path(u) for u in uris]
         got = fs.cat_ranges(paths, [0] * len(paths), [self.max_bytes + 1] * len(paths), on_error="return")
         out: list[bytes | Exception] = []
@@ -229,7 +228,7 @@ class ReadBytes:
             if isinstance(g, bytes) and len(g) > self.max_bytes:
                 g = ValueError(f"more than {self.max_bytes / MiB:g} MiB, larger than any media item may be")
             elif isinstance(g, Exception) and not isinstance(g, FileNotFoundError):
-                g = _or_error(functools.partial(self._read_whole, fs), path)
+                g = _or_error(self._read_whole, fs, path)
             out.append(g)
         return out
 
@@ -242,9 +241,9 @@ class ReadBytes:
             raise ValueError(f"{size / MiB:.1f} MiB is larger than any media item may be ({self.max_bytes / MiB:.0f} MiB)")
 
 
-def _or_error(read, arg) -> bytes | Exception:
+def _or_error(read, *args) -> bytes | Exception:
     try:
-        return read(arg)
+        return read(*args)
     except Exception as e:  # noqa: BLE001 -- the item becomes an error row, the run goes on
         return e
 

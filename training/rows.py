@@ -4,9 +4,10 @@
     batches = packed_batches(model, cfg, rows)    # worker: rows -> features -> render -> collate_packed
 
 The driver reads the split's dialogues (or, for stage 1, the media table's caption/transcript pairs
-as one-turn dialogues), shuffles them whole, and Ray Data splits them between the workers. Each worker loads once the features
-its split needs into an in-memory ``media_id -> tensor`` index (fp16, as stored; the projector's
-FeatureNorm standardises in fp32) and renders every row with ``model.render(messages, features)``.
+as one-turn dialogues), shuffles them whole, and Ray Data splits them between the workers. Each
+worker loads once the features its split needs into an in-memory ``media_id -> tensor`` index
+(fp16, as stored; the projector's FeatureNorm standardises in fp32) and renders every row with
+``model.render(messages, features)``.
 
 Why a join at read time and not a materialized "assembled" table: the dialogues reuse media
 (stage 2's 18 000 train dialogues of the demo data use 2 700 train media, 1.8 items per dialogue,
